@@ -1,0 +1,94 @@
+"""Bias-free linear layers whose weights are float, or int8 with bf16 scales (weight-only quantization).
+
+Weights use the nn.Linear layout `[*stack, out, in]`; experts stack their weights as `[E, out, in]`.
+An int8 weight keeps its scales as `[*stack, out, G]`: G = 1 is per-output-channel scaling, G > 1
+splits the input axis into G contiguous groups (upstream's tensor-parallel shards), each with its own
+scale. The matmul dequantizes one matrix at a time, so the model never exists in bf16 as a whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int8, BFloat16
+from torch import Tensor, nn
+
+WEIGHT_FORMATS = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def dequantize(weight: Int8[Tensor, "*stack out inp"], scales: BFloat16[Tensor, "*stack out groups"],
+               round_to_bf16: bool = True) -> Float[Tensor, "*stack out inp"]:
+    """int8 [..., out, in] * bf16 scales [..., out, G] -> float [..., out, in].
+
+    The int8 x bf16 product is exact in fp32. Upstream computes `weight.astype(bf16) * scales` in
+    bf16, i.e. that exact product rounded once: `round_to_bf16` reproduces it bit for bit. Without
+    it the exact fp32 product is returned (what upstream's MoE down projection effectively uses).
+    """
+    *lead, out_features, in_features = weight.shape
+    groups = scales.shape[-1]
+    grouped = weight.to(torch.float32).reshape(*lead, out_features, groups, in_features // groups)
+    product = (grouped * scales.to(torch.float32).unsqueeze(-1)).reshape(*lead, out_features, in_features)
+    return product.to(torch.bfloat16) if round_to_bf16 else product
+
+
+def bf16_linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"]) -> Float[Tensor, "*batch out"]:
+    """F.linear, except that on the CPU a bf16 product is computed in fp32 and rounded once.
+
+    That is how XLA's CPU backend evaluates upstream's bf16 dots; torch's own CPU bf16 kernel sums in
+    another order and flips the last bit of about 1 in 10^4 outputs more often (measured against
+    the golden q/k projections: 100 % bit-exact with the fp32 route, 99.98 % without). GPUs keep the
+    native bf16 GEMM (fp32 accumulation too, at full speed).
+    """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return F.linear(x.to(torch.float32), weight.to(torch.float32)).to(torch.bfloat16)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T with W float, or int8 * scales; `stack` adds leading expert dims."""
+
+    def __init__(self, in_features: int, out_features: int, *, weights: str = "bf16", stack: tuple[int, ...] = (),
+                 scale_groups: int = 1, dequant_rounds_to_bf16: bool = True,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.dequant_rounds_to_bf16 = dequant_rounds_to_bf16
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {sorted(WEIGHT_FORMATS)}, got {weights!r}")
+        if in_features % scale_groups:
+            raise ValueError(f"in_features={in_features} is not divisible by scale_groups={scale_groups}")
+        self.in_features, self.out_features = in_features, out_features
+        self.scale_groups = scale_groups
+        shape = (*stack, out_features, in_features)
+        if weights == "int8":
+            # Buffers, not parameters: an int8 weight cannot take gradients.
+            self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.zeros((*stack, out_features, scale_groups),
+                                                       dtype=torch.bfloat16, device=device))
+        else:
+            self.weight = nn.Parameter(torch.zeros(shape, dtype=WEIGHT_FORMATS[weights], device=device))
+            self.scales = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    def materialize(self, dtype: torch.dtype, index: int | None = None) -> Float[Tensor, "out inp"]:
+        """The float weight `[out, in]` (of stacked matrix `index`) in `dtype`.
+
+        Quantized weights are dequantized as upstream does (rounded to bf16, except where the layer
+        says upstream keeps the exact product): those values are the model's weights, whatever the
+        compute dtype.
+        """
+        weight = self.weight if index is None else self.weight[index]
+        if self.scales is None:
+            return weight.to(dtype)
+        scales = self.scales if index is None else self.scales[index]
+        return dequantize(weight, scales, self.dequant_rounds_to_bf16).to(dtype)
+
+    def forward(self, x: Float[Tensor, "*batch inp"], index: int | None = None) -> Float[Tensor, "*batch out"]:
+        return bf16_linear(x, self.materialize(x.dtype, index))
+
+    def extra_repr(self) -> str:
+        fmt = "int8" if self.quantized else str(self.weight.dtype).removeprefix("torch.")
+        return (f"in={self.in_features}, out={self.out_features}, stack={tuple(self.weight.shape[:-2])}, "
+                f"weights={fmt}, scale_groups={self.scale_groups}")

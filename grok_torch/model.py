@@ -1,0 +1,330 @@
+"""Grok-1 in PyTorch, in one file of plain modules, numerically faithful to the upstream JAX model.
+
+Two compute dtypes: bf16 reproduces every cast of upstream's bf16 forward pass (see SPEC.md), fp32
+runs the same graph in float32 for exact comparisons. Weights are int8 + bf16 scales, bf16 or fp32
+(grok_torch.linear). Experts are stacked `[E, ...]` and each runs only on the tokens routed to it.
+
+Intermediates can be recorded under the names of the golden reference (`decoder_layer_3.moe_out`,
+...) by passing a dict as `record`; the parity harness compares them sub-module by sub-module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from grok_torch.config import GrokConfig
+from grok_torch.linear import Linear, bf16_linear
+
+# Upstream masks with a large finite number, not -inf: a query whose keys are all masked (a
+# left-padded row) then attends uniformly instead of producing NaN.
+MASK_VALUE = -1e30
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+Record = dict[str, Tensor] | None
+
+
+def _put(record: Record, name: str, value: Tensor) -> None:
+    if record is not None:
+        record[name] = value.detach()
+
+
+def _as_dtype_scalar(value: float, like: Tensor) -> Tensor:
+    """A Python-float multiplier as upstream applies it: rounded to the activation dtype (JAX weak
+    typing), so bf16(78.38...) = 78.5 in a bf16 run and the exact value in an fp32 run."""
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale, computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))
+
+    def forward(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
+        x32 = x.to(torch.float32)
+        normed = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + self.eps)
+        return (self.weight.to(torch.float32) * normed).to(x.dtype)
+
+
+def rotate_half(x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
+    """[x1, x2] -> [-x2, x1] over the last axis, split in halves (not interleaved pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Float[Tensor, "batch seq heads head_dim"], offset: int, base: int) -> Float[Tensor, "batch seq heads head_dim"]:
+    """Rotary embedding over the full head dim; phase in fp32, positions offset by the cache step,
+    result rounded once to the input dtype (upstream multiplies the bf16 input by fp32 cos/sin)."""
+    head_dim, seq = x.shape[-1], x.shape[1]
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device)
+    inv_freq = 1.0 / (base ** (exponents / head_dim))
+    positions = torch.arange(seq, dtype=torch.float32, device=x.device) + offset
+    phase = torch.outer(positions, inv_freq).repeat(1, 2)[None, :, None, :]  # [1, T, 1, K]
+    return (x * torch.cos(phase) + rotate_half(x) * torch.sin(phase)).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys/values of every layer for incremental decoding; all rows advance together.
+
+    `key_valid[b, s]` remembers which cached positions were real tokens (not padding), so later
+    steps mask padded prompt positions exactly as a full forward pass does.
+    """
+
+    keys: list[Tensor]  # per layer [B, S_max, kv_heads, K]
+    values: list[Tensor]
+    key_valid: Tensor  # [B, S_max] bool
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: GrokConfig, batch: int, max_len: int, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> "KVCache":
+        shape = (batch, max_len, config.num_kv_heads, config.key_size)
+        return cls(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+                   values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+                   key_valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.key_valid.shape[1]
+
+
+def attention_mask(key_valid: Bool[Tensor, "batch keys"], num_queries: int, offset: int) -> Bool[Tensor, "batch queries keys"]:
+    """Query i (absolute position offset + i) may see key j when j <= offset + i and key j is a real token."""
+    num_keys = key_valid.shape[1]
+    query_pos = torch.arange(num_queries, device=key_valid.device)[:, None] + offset
+    causal = torch.arange(num_keys, device=key_valid.device)[None, :] <= query_pos
+    return causal[None] & key_valid[:, None, :]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, fp32 soft-capped logits and an output projection."""
+
+    def __init__(self, config: GrokConfig, weights: str, device=None):
+        super().__init__()
+        self.config = config
+        d, k = config.emb_size, config.key_size
+        self.q_proj = Linear(d, config.num_q_heads * k, weights=weights, device=device)
+        self.k_proj = Linear(d, config.num_kv_heads * k, weights=weights, device=device)
+        self.v_proj = Linear(d, config.num_kv_heads * k, weights=weights, device=device)
+        self.o_proj = Linear(config.num_q_heads * k, d, weights=weights, scale_groups=config.model_shards, device=device)
+
+    def forward(self, x: Float[Tensor, "batch seq dim"], key_valid: Bool[Tensor, "batch seq"],
+                cache: KVCache | None = None, layer: int = 0, record: Record = None,
+                prefix: str = "") -> Float[Tensor, "batch seq dim"]:
+        cfg = self.config
+        batch, seq, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        _put(record, prefix + "q_proj", q)
+        _put(record, prefix + "k_proj", k)
+        _put(record, prefix + "v_proj", v)
+        offset = cache.length if cache is not None else 0
+        q = apply_rope(q.view(batch, seq, cfg.num_q_heads, cfg.key_size), offset, cfg.rope_base_exponent)
+        k = apply_rope(k.view(batch, seq, cfg.num_kv_heads, cfg.key_size), offset, cfg.rope_base_exponent)
+        v = v.view(batch, seq, cfg.num_kv_heads, cfg.key_size)
+        if cache is not None:
+            end = offset + seq
+            cache.keys[layer][:, offset:end] = k
+            cache.values[layer][:, offset:end] = v
+            k, v = cache.keys[layer][:, :end], cache.values[layer][:, :end]
+            key_valid = cache.key_valid[:, :end]
+        mask = attention_mask(key_valid, seq, offset)  # [B, T, S]
+
+        # Query head j shares kv head j // (num_q_heads / num_kv_heads).
+        q = q.view(batch, seq, cfg.num_kv_heads, cfg.q_heads_per_kv_head, cfg.key_size)
+        logits = torch.einsum("btkgd,bskd->bkgts", q, k).to(torch.float32)  # QK^T in x.dtype, then fp32
+        logits = logits * cfg.attn_output_multiplier
+        cap = cfg.attn_logit_softcap
+        logits = cap * torch.tanh(logits / cap)
+        logits = logits.masked_fill(~mask[:, None, None], MASK_VALUE)
+        weights = torch.softmax(logits, dim=-1).to(x.dtype)
+        context = torch.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, -1)
+        _put(record, prefix + "attn_context", context)
+        return self.o_proj(context)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of gated-GELU experts with fp32 routing and sparse dispatch."""
+
+    def __init__(self, config: GrokConfig, weights: str, device=None):
+        super().__init__()
+        self.config = config
+        d, f, e = config.emb_size, config.ffn_size, config.num_experts
+        self.router = Linear(d, e, weights="fp32", device=device)  # routing is fp32 upstream
+        self.gate_proj = Linear(d, f, weights=weights, stack=(e,), device=device)  # haiku `linear`
+        self.up_proj = Linear(d, f, weights=weights, stack=(e,), device=device)  # haiku `linear_v`
+        # haiku `linear_1`; upstream keeps its dequantized product exact (see convert.param_names).
+        self.down_proj = Linear(f, d, weights=weights, stack=(e,), scale_groups=config.model_shards,
+                                dequant_rounds_to_bf16=False, device=device)
+
+    def route(self, x: Float[Tensor, "tokens dim"]) -> tuple[Float[Tensor, "tokens experts"], Float[Tensor, "tokens experts"]]:
+        """Router logits and softmax probabilities, both fp32. Padding is not masked (upstream's MoE
+        never receives the padding mask)."""
+        logits = F.linear(x.to(torch.float32), self.router.weight.to(torch.float32))
+        return logits, torch.softmax(logits, dim=-1)
+
+    def expert(self, index: int, x: Float[Tensor, "tokens dim"]) -> Float[Tensor, "tokens dim"]:
+        """linear_1(gelu(x @ linear) * (x @ linear_v)) for one expert, in upstream's precision: the two
+        input projections in the activation dtype, then gelu, the product and the down projection
+        in fp32 (upstream's one-hot expert selection promotes them), returned in fp32."""
+        gate = self.gate_proj(x, index).to(torch.float32)
+        up = self.up_proj(x, index).to(torch.float32)
+        hidden = up * F.gelu(gate, approximate="tanh")  # gelu is jax.nn.gelu's tanh form
+        return F.linear(hidden, self.down_proj.materialize(torch.float32, index))
+
+    def forward(self, x: Float[Tensor, "batch seq dim"], record: Record = None,
+                prefix: str = "") -> Float[Tensor, "batch seq dim"]:
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        logits, probs = self.route(flat)
+        # Gates are the raw top-k probabilities: not renormalised.
+        gates, experts = torch.topk(probs, self.config.num_selected_experts, dim=-1)
+        _put(record, prefix + "router_logits", logits.view(batch, seq, -1))
+        _put(record, prefix + "router_probs", probs.view(batch, seq, -1))
+        _put(record, prefix + "expert_index", experts.view(batch, seq, -1).to(torch.int32))
+        _put(record, prefix + "expert_gate", gates.view(batch, seq, -1))
+        # Upstream rounds the gates to the activation dtype before weighting the fp32 expert outputs.
+        gates = gates.to(x.dtype).to(torch.float32)
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        for index in range(self.config.num_experts):
+            token, slot = torch.nonzero(experts == index, as_tuple=True)
+            if token.numel() == 0:
+                continue
+            contribution = self.expert(index, flat[token]) * gates[token, slot, None]
+            out.index_add_(0, token, contribution)
+        return out.to(x.dtype).view(batch, seq, dim)
+
+
+class DecoderLayer(nn.Module):
+    """Sandwich-norm block: h += norm_1(attn(norm(h))); h += norm_3(moe(norm_2(h)))."""
+
+    def __init__(self, config: GrokConfig, layer: int, weights: str, device=None):
+        super().__init__()
+        self.layer = layer
+        eps = config.rms_norm_eps
+        self.pre_attn_norm = RMSNorm(config.emb_size, eps, device)  # haiku rms_norm
+        self.attn = Attention(config, weights, device)
+        self.post_attn_norm = RMSNorm(config.emb_size, eps, device)  # rms_norm_1
+        self.pre_moe_norm = RMSNorm(config.emb_size, eps, device)  # rms_norm_2
+        self.moe = MoE(config, weights, device)
+        self.post_moe_norm = RMSNorm(config.emb_size, eps, device)  # rms_norm_3
+
+    def forward(self, h: Float[Tensor, "batch seq dim"], key_valid: Bool[Tensor, "batch seq"],
+                cache: KVCache | None = None, record: Record = None) -> Float[Tensor, "batch seq dim"]:
+        p = f"decoder_layer_{self.layer}."
+        _put(record, p + "input", h)
+        x = self.pre_attn_norm(h)
+        _put(record, p + "attn_norm", x)
+        attn = self.attn(x, key_valid, cache, self.layer, record, p)
+        _put(record, p + "attn_out", attn)
+        attn = self.post_attn_norm(attn)
+        _put(record, p + "attn_post_norm", attn)
+        h = h + attn
+        _put(record, p + "h_after_attn", h)
+        x = self.pre_moe_norm(h)
+        _put(record, p + "moe_norm", x)
+        moe = self.moe(x, record, p)
+        _put(record, p + "moe_out", moe)
+        moe = self.post_moe_norm(moe)
+        _put(record, p + "moe_post_norm", moe)
+        h = h + moe
+        _put(record, p + "out", h)
+        return h
+
+
+def tied_output_projection(h: Float[Tensor, "batch seq dim"], embedding: Float[Tensor, "vocab dim"],
+                           shards: int) -> Float[Tensor, "batch seq vocab"]:
+    """h @ embedding.T as upstream's 8-way mesh computes it: the embedding is sharded along D, each
+    shard's partial product is rounded to the activation dtype, and the partials are summed in fp32
+    and rounded once (bit-exact against the golden logits; a single bf16 matmul matches 61 %)."""
+    if h.dtype == torch.float32 or h.shape[-1] % shards:
+        return bf16_linear(h, embedding.to(h.dtype))
+    width = h.shape[-1] // shards
+    total = None
+    for s in range(shards):
+        part = bf16_linear(h[..., s * width:(s + 1) * width], embedding[:, s * width:(s + 1) * width].to(h.dtype))
+        total = part.to(torch.float32) if total is None else total + part.to(torch.float32)
+    return total.to(h.dtype)
+
+
+class GrokOutput(NamedTuple):
+    logits: Tensor  # [B, T, V]
+    hidden_states: tuple[Tensor, ...]  # the embeddings, then each layer's output: L + 1 of [B, T, D]
+
+
+class Grok(nn.Module):
+    """The Grok-1 language model: tokens [B, T] -> logits [B, T, vocab].
+
+    weights: "int8" (int8 + bf16 scales, weight-only quantized matmuls), "bf16" or "fp32".
+    dtype: the compute dtype, "bf16" (upstream's) or "fp32".
+    device="meta" builds the model without memory (then fill it with grok_torch.load).
+    """
+
+    def __init__(self, config: GrokConfig, *, weights: str = "bf16", dtype: str = "bf16",
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype!r}")
+        self.config = config
+        self.weights = weights
+        self.dtype = COMPUTE_DTYPES[dtype]
+        # Upstream casts the fp32 table to the activation dtype before both of its uses (lookup and
+        # tied output head), so keeping it in the compute dtype changes nothing.
+        self.embedding = nn.Embedding(config.vocab_size, config.emb_size, device=device, dtype=self.dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, weights, device) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.emb_size, config.rms_norm_eps, device)  # language_model/rms_norm
+
+    def embed(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq dim"]:
+        x = self.embedding(tokens).to(self.dtype)
+        return x * _as_dtype_scalar(self.config.embedding_multiplier_scale, x)
+
+    def head(self, h: Float[Tensor, "batch seq dim"], record: Record = None) -> Float[Tensor, "batch seq vocab"]:
+        """Final RMSNorm and the tied output projection, times the output multiplier."""
+        h = self.norm(h)
+        _put(record, "final_norm", h)
+        logits = tied_output_projection(h, self.embedding.weight, self.config.model_shards)
+        return logits * _as_dtype_scalar(self.config.output_multiplier_scale, logits)
+
+    def key_valid(self, tokens: Int[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:
+        """Real tokens; a token <= pad_token is padding and is masked as a key."""
+        return tokens > self.config.pad_token
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        device = self.embedding.weight.device
+        return KVCache.empty(self.config, batch, max_len or self.config.sequence_len, self.dtype, device)
+
+    def forward(self, tokens: Int[Tensor, "batch seq"], cache: KVCache | None = None, *,
+                output_hidden_states: bool = False, record: Record = None) -> Tensor | GrokOutput:
+        """Logits [B, T, V] for tokens [B, T]; with `cache`, tokens continue the cached sequence.
+
+        `output_hidden_states` returns GrokOutput(logits, hidden_states); `record` collects every
+        intermediate under the golden reference's names.
+        """
+        batch, seq = tokens.shape
+        key_valid = self.key_valid(tokens)
+        if cache is not None:
+            if cache.length + seq > cache.capacity:
+                raise ValueError(f"KV cache holds {cache.capacity} positions; {cache.length} used, {seq} more asked")
+            cache.key_valid[:, cache.length:cache.length + seq] = key_valid
+        h = self.embed(tokens)
+        _put(record, "input_embeddings", h)
+        hidden = [h]
+        for layer in self.layers:
+            h = layer(h, key_valid, cache, record)
+            hidden.append(h)
+        if cache is not None:
+            cache.length += seq
+        logits = self.head(h, record)
+        _put(record, "logits", logits)
+        if output_hidden_states:
+            return GrokOutput(logits, tuple(hidden))
+        return logits
