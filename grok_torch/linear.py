@@ -68,6 +68,32 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(torch.zeros(shape, dtype=WEIGHT_FORMATS[weights], device=device))
             self.scales = None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint decides, per layer, whether its weight is int8 + scales or plain float (a
+        # converted checkpoint may quantize the experts but not the attention, say): adapt first.
+        weight = state_dict.get(prefix + "weight")
+        has_scales = prefix + "scales" in state_dict
+        if weight is not None:
+            if has_scales and not self.quantized:
+                self._set_format(torch.int8)
+            elif not has_scales and self.quantized and weight.dtype.is_floating_point:
+                self._set_format(weight.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _set_format(self, dtype: torch.dtype) -> None:
+        """Re-create the (empty) weight as int8 + scales, or as a float parameter of `dtype`."""
+        shape, device = tuple(self.weight.shape), self.weight.device
+        del self.weight
+        if "scales" in self._buffers:
+            del self.scales
+        if dtype == torch.int8:
+            self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.zeros((*shape[:-1], self.scale_groups), dtype=torch.bfloat16,
+                                                       device=device))
+        else:
+            self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+            self.scales = None
+
     @property
     def quantized(self) -> bool:
         return self.scales is not None

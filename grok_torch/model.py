@@ -35,7 +35,7 @@ def _put(record: Record, name: str, value: Tensor) -> None:
         record[name] = value.detach()
 
 
-def _as_dtype_scalar(value: float, like: Tensor) -> Tensor:
+def activation_dtype_multiplier(value: float, like: Tensor) -> Tensor:
     """A Python-float multiplier as upstream applies it: rounded to the activation dtype (JAX weak
     typing), so bf16(78.38...) = 78.5 in a bf16 run and the exact value in an fp32 run."""
     return torch.tensor(value, dtype=like.dtype, device=like.device)
@@ -53,6 +53,21 @@ class RMSNorm(nn.Module):
         x32 = x.to(torch.float32)
         normed = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + self.eps)
         return (self.weight.to(torch.float32) * normed).to(x.dtype)
+
+
+def expert_activation(x: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch"]:
+    """jax.nn.gelu's default: the tanh approximation, not the exact erf form."""
+    return F.gelu(x, approximate="tanh")
+
+
+def soft_cap(logits: Float[Tensor, "*batch"], cap: float) -> Float[Tensor, "*batch"]:
+    """cap * tanh(logits / cap): upstream bounds every attention logit to (-cap, cap)."""
+    return cap * torch.tanh(logits / cap)
+
+
+def select_experts(probs: Float[Tensor, "tokens experts"], k: int) -> tuple[Float[Tensor, "tokens k"], Int[Tensor, "tokens k"]]:
+    """Top-k experts by router probability; the gates are the raw probabilities (not renormalised)."""
+    return torch.topk(probs, k, dim=-1)
 
 
 def rotate_half(x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
@@ -143,8 +158,7 @@ class Attention(nn.Module):
         q = q.view(batch, seq, cfg.num_kv_heads, cfg.q_heads_per_kv_head, cfg.key_size)
         logits = torch.einsum("btkgd,bskd->bkgts", q, k).to(torch.float32)  # QK^T in x.dtype, then fp32
         logits = logits * cfg.attn_output_multiplier
-        cap = cfg.attn_logit_softcap
-        logits = cap * torch.tanh(logits / cap)
+        logits = soft_cap(logits, cfg.attn_logit_softcap)
         logits = logits.masked_fill(~mask[:, None, None], MASK_VALUE)
         weights = torch.softmax(logits, dim=-1).to(x.dtype)
         context = torch.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, -1)
@@ -178,7 +192,7 @@ class MoE(nn.Module):
         in fp32 (upstream's one-hot expert selection promotes them), returned in fp32."""
         gate = self.gate_proj(x, index).to(torch.float32)
         up = self.up_proj(x, index).to(torch.float32)
-        hidden = up * F.gelu(gate, approximate="tanh")  # gelu is jax.nn.gelu's tanh form
+        hidden = up * expert_activation(gate)
         return F.linear(hidden, self.down_proj.materialize(torch.float32, index))
 
     def forward(self, x: Float[Tensor, "batch seq dim"], record: Record = None,
@@ -186,8 +200,7 @@ class MoE(nn.Module):
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         logits, probs = self.route(flat)
-        # Gates are the raw top-k probabilities: not renormalised.
-        gates, experts = torch.topk(probs, self.config.num_selected_experts, dim=-1)
+        gates, experts = select_experts(probs, self.config.num_selected_experts)
         _put(record, prefix + "router_logits", logits.view(batch, seq, -1))
         _put(record, prefix + "router_probs", probs.view(batch, seq, -1))
         _put(record, prefix + "expert_index", experts.view(batch, seq, -1).to(torch.int32))
@@ -285,14 +298,14 @@ class Grok(nn.Module):
 
     def embed(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq dim"]:
         x = self.embedding(tokens).to(self.dtype)
-        return x * _as_dtype_scalar(self.config.embedding_multiplier_scale, x)
+        return x * activation_dtype_multiplier(self.config.embedding_multiplier_scale, x)
 
     def head(self, h: Float[Tensor, "batch seq dim"], record: Record = None) -> Float[Tensor, "batch seq vocab"]:
         """Final RMSNorm and the tied output projection, times the output multiplier."""
         h = self.norm(h)
         _put(record, "final_norm", h)
         logits = tied_output_projection(h, self.embedding.weight, self.config.model_shards)
-        return logits * _as_dtype_scalar(self.config.output_multiplier_scale, logits)
+        return logits * activation_dtype_multiplier(self.config.output_multiplier_scale, logits)
 
     def key_valid(self, tokens: Int[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:
         """Real tokens; a token <= pad_token is padding and is masked as a key."""

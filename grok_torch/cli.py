@@ -1,0 +1,17 @@
+"""The `grok-torch` command line: convert, inspect, verify, export-upstream, parity, generate, demo."""
+
+from __future__ import annotations
+
+import click
+
+from parity.cli import parity_cmd
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="grok-torch")
+def main() -> None:
+    """Grok-1 in PyTorch: convert the official checkpoint, check parity with the JAX reference,
+    and run the model."""
+
+
+main.add_command(parity_cmd)

@@ -1,0 +1,127 @@
+"""Tensor-by-tensor comparison of two sets of named activations, in forward order."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from parity.tolerances import Tolerance
+
+LAYER_SUFFIXES = ("input", "attn_norm", "q_proj", "k_proj", "v_proj", "attn_context", "attn_out",
+                  "attn_post_norm", "h_after_attn", "moe_norm", "router_logits", "router_probs",
+                  "expert_index", "expert_gate", "moe_out", "moe_post_norm", "out")
+# Tensors of a layer computed after the expert choice: a legitimate near-tie flip changes them.
+AFTER_EXPERT_CHOICE = ("expert_gate", "moe_out", "moe_post_norm", "out")
+
+
+def forward_order(num_layers: int) -> list[str]:
+    """Every compared tensor name, in the order the forward pass produces them."""
+    names = ["input_embeddings"]
+    for i in range(num_layers):
+        names += [f"decoder_layer_{i}.{s}" for s in LAYER_SUFFIXES if s != "input"]
+    return names + ["final_norm", "logits"]
+
+
+@dataclass
+class TensorComparison:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    rel_rms: float
+    mismatches: int
+    compared: int
+    passed: bool
+    tier: str
+    excluded_tokens: int = 0  # near-tie tokens left out (their expert choice legitimately differs)
+    samples: list[dict] = field(default_factory=list)  # a few of the worst elements
+
+    def describe(self) -> str:
+        if self.tier == "experts":
+            return (f"{self.name}: {int(self.max_abs)}/{self.compared} tokens chose other experts, "
+                    f"{self.excluded_tokens} of them near-ties; e.g. "
+                    + ", ".join(f"token {s['index']}: ours {s['ours']:.0f} ref {s['ref']:.0f}" for s in self.samples[:3]))
+        text = (f"{self.name}: max abs diff {self.max_abs:.3g}, max rel diff {self.max_rel:.3g}, "
+                f"rel RMS {self.rel_rms:.3g}, {self.mismatches}/{self.compared} beyond tolerance")
+        if self.samples:
+            text += "; e.g. " + ", ".join(f"{s['index']}: ours {s['ours']:.6g} ref {s['ref']:.6g}" for s in self.samples[:3])
+        return text
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def compare_tensor(name: str, ours: np.ndarray, ref: np.ndarray, tol: Tolerance, tier: str,
+                   token_mask: np.ndarray | None = None) -> TensorComparison:
+    """Compare `ours` with `ref` ([B, T, ...]); `token_mask` [B, T] selects the tokens compared."""
+    ours = np.asarray(ours, dtype=np.float64).reshape(ref.shape)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape:
+        raise ValueError(f"{name}: shape {ours.shape} differs from the reference's {ref.shape}")
+    keep = np.ones(ref.shape, dtype=bool)
+    excluded = 0
+    if token_mask is not None:
+        keep = np.broadcast_to(token_mask.reshape(token_mask.shape + (1,) * (ref.ndim - 2)), ref.shape)
+        excluded = int((~token_mask).sum())
+    diff = np.abs(ours - ref)
+    scale = float(np.sqrt(np.mean(ref[keep] ** 2))) if keep.any() else 0.0
+    allowed = tol.rtol * np.abs(ref) + tol.atol * scale
+    beyond = (diff > allowed) & keep
+    nonfinite = ~np.isfinite(ours) & keep
+    beyond |= nonfinite
+    compared = int(keep.sum())
+    kept_diff = np.where(keep, diff, 0.0)
+    max_abs = float(np.nanmax(np.where(nonfinite, np.inf, kept_diff))) if compared else 0.0
+    rel = kept_diff / (np.abs(ref) + max(scale, 1e-30) * 1e-3)
+    max_rel = float(np.max(np.where(nonfinite, np.inf, rel))) if compared else 0.0
+    err_rms = float(np.sqrt(np.sum(np.where(keep, np.nan_to_num(diff, nan=np.inf, posinf=np.inf) ** 2, 0.0)) / max(compared, 1)))
+    rel_rms = err_rms / scale if scale > 0 else (0.0 if err_rms == 0 else np.inf)
+    mismatches = int(beyond.sum())
+    passed = bool(nonfinite.sum() == 0 and mismatches <= tol.max_mismatch_fraction * compared
+                  and rel_rms <= tol.max_rel_rms)
+    worst = np.argsort(np.where(keep, np.nan_to_num(diff, nan=np.inf), -1.0), axis=None)[::-1][:5]
+    samples = [{"index": list(map(int, np.unravel_index(i, ref.shape))), "ours": float(ours.flat[i]),
+                "ref": float(ref.flat[i])} for i in worst if beyond.flat[i]]
+    return TensorComparison(name, tuple(ref.shape), max_abs, max_rel, rel_rms, mismatches, compared, passed,
+                            tier, excluded, samples)
+
+
+def router_margin(probs: np.ndarray, k: int) -> np.ndarray:
+    """[B, T, E] probabilities -> [B, T]: k-th largest minus (k+1)-th (infinite when k == E)."""
+    if k >= probs.shape[-1]:
+        return np.full(probs.shape[:-1], np.inf)
+    top = -np.sort(-probs, axis=-1)
+    return top[..., k - 1] - top[..., k]
+
+
+def compare_experts(name: str, ours: np.ndarray, ref: np.ndarray, ref_probs: np.ndarray,
+                    near_tie_margin: float) -> tuple[TensorComparison, np.ndarray]:
+    """Chosen experts [B, T, k]: a token may differ only where the reference's router margin is a
+    near-tie. Returns the comparison and the [B, T] mask of tokens whose choices agree."""
+    ours = np.asarray(ours).reshape(ref.shape)
+    agree = np.all(np.sort(ours, axis=-1) == np.sort(ref, axis=-1), axis=-1)
+    near_tie = router_margin(ref_probs, ref.shape[-1]) < near_tie_margin
+    bad = ~agree & ~near_tie
+    samples = [{"index": list(map(int, idx)), "ours": float(ours[tuple(idx)][0]), "ref": float(ref[tuple(idx)][0])}
+               for idx in np.argwhere(bad)[:5]]
+    # For experts: max_abs counts the tokens that disagree, rel_rms is their fraction.
+    comparison = TensorComparison(name, tuple(ref.shape), float((~agree).sum()), 0.0, float(np.mean(~agree)),
+                                  int(bad.sum()), int(agree.size), bool(bad.sum() == 0), "experts",
+                                  int((~agree & near_tie).sum()), samples)
+    return comparison, agree
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def distribution_agreement(ours: np.ndarray, ref: np.ndarray, real: np.ndarray) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(ref || ours) of the final distributions over real positions."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    top1 = float(np.mean((ours.argmax(-1) == ref.argmax(-1))[real]))
+    p, q = softmax(ref), softmax(ours)
+    kl = np.sum(p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300))), axis=-1)
+    return top1, float(np.mean(kl[real]))

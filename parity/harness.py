@@ -1,0 +1,232 @@
+"""The parity harness: run grok_torch and a reference on the same weights and tokens, and compare
+every sub-module's output, layer by layer, in two modes.
+
+- end_to_end: both run the whole model from the tokens; errors compound as they would in use.
+- teacher_forced: each grok_torch layer is fed the reference's input to that layer (and the head
+  the reference's last hidden state), so an error shows in the layer that makes it.
+
+The reference is the JAX/haiku model of parity.reference on a random config, or a golden directory
+produced by the upstream code itself (official ckpt-0 + reference.npz).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grok_torch.config import GrokConfig
+from grok_torch.model import Grok
+from parity.compare import (AFTER_EXPERT_CHOICE, TensorComparison, compare_experts, compare_tensor,
+                            distribution_agreement, forward_order)
+from parity.tolerances import MAX_MEAN_KL, MIN_TOP1_AGREEMENT, NEAR_TIE_MARGIN, TOLERANCES, tier_of
+
+MODES = ("teacher_forced", "end_to_end")
+
+
+@dataclass
+class ParityRun:
+    mode: str
+    comparisons: list[TensorComparison]
+    top1_agreement: float
+    mean_kl: float
+    distribution_passed: bool
+
+    @property
+    def first_failure(self) -> TensorComparison | None:
+        return next((c for c in self.comparisons if not c.passed), None)
+
+    @property
+    def passed(self) -> bool:
+        return self.first_failure is None and self.distribution_passed
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "passed": self.passed, "top1_agreement": self.top1_agreement,
+                "mean_kl": self.mean_kl, "distribution_passed": self.distribution_passed,
+                "first_failure": self.first_failure.name if self.first_failure else None,
+                "tensors": [c.to_json() for c in self.comparisons]}
+
+
+@dataclass
+class ParityReport:
+    label: str
+    config: GrokConfig
+    dtype: str
+    runs: dict[str, ParityRun]
+    details: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(run.passed for run in self.runs.values())
+
+    @property
+    def first_failure(self) -> tuple[str, TensorComparison] | None:
+        """The first tensor beyond tolerance, teacher-forced mode first (it points at the culprit)."""
+        for mode in MODES:
+            if mode in self.runs and self.runs[mode].first_failure is not None:
+                return mode, self.runs[mode].first_failure
+        return None
+
+    def to_json(self) -> dict:
+        failure = self.first_failure
+        return {"label": self.label, "dtype": self.dtype, "passed": self.passed,
+                "first_failure": {"mode": failure[0], "tensor": failure[1].name} if failure else None,
+                "config": self.config.to_dict(), "details": self.details,
+                "runs": {mode: run.to_json() for mode, run in self.runs.items()}}
+
+
+# ---- activations of grok_torch ---------------------------------------------------------------
+
+def _to_numpy(record: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: (v.to(torch.float32) if v.is_floating_point() else v).cpu().numpy() for k, v in record.items()}
+
+
+@torch.no_grad()
+def torch_end_to_end(model: Grok, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    record: dict[str, torch.Tensor] = {}
+    model(torch.as_tensor(tokens, dtype=torch.long), record=record)
+    return _to_numpy(record)
+
+
+@torch.no_grad()
+def torch_teacher_forced(model: Grok, tokens: np.ndarray, ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each layer run on the reference's input to it; the head on the reference's last layer output."""
+    tokens_t = torch.as_tensor(tokens, dtype=torch.long)
+    key_valid = model.key_valid(tokens_t)
+    record: dict[str, torch.Tensor] = {"input_embeddings": model.embed(tokens_t)}
+    for i, layer in enumerate(model.layers):
+        layer_input = ref["input_embeddings"] if i == 0 else ref[f"decoder_layer_{i - 1}.out"]
+        layer(torch.as_tensor(layer_input).to(model.dtype), key_valid, None, record)
+    last = ref[f"decoder_layer_{len(model.layers) - 1}.out"]
+    record["logits"] = model.head(torch.as_tensor(last).to(model.dtype), record)
+    return _to_numpy(record)
+
+
+# ---- comparison -----------------------------------------------------------------------------
+
+def compare_activations(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], config: GrokConfig,
+                        tokens: np.ndarray, dtype: str, mode: str) -> ParityRun:
+    tolerances = TOLERANCES[(dtype, mode)]
+    comparisons: list[TensorComparison] = []
+    agree_tokens = None  # tokens whose experts agree in the current layer
+    for name in forward_order(config.num_layers):
+        if name not in ref:
+            continue  # a golden set may lack an intermediate; compare what it has
+        if name not in ours:
+            raise KeyError(f"grok_torch recorded no tensor {name!r}")
+        suffix = name.rsplit(".", 1)[-1]
+        if suffix == "expert_index":
+            layer = name.rsplit(".", 1)[0]
+            comparison, agree_tokens = compare_experts(name, ours[name], ref[name], ref[f"{layer}.router_probs"],
+                                                       NEAR_TIE_MARGIN[dtype])
+            comparisons.append(comparison)
+            continue
+        mask = agree_tokens if (suffix in AFTER_EXPERT_CHOICE and agree_tokens is not None
+                                and mode == "teacher_forced") else None
+        tier = tier_of(name)
+        comparisons.append(compare_tensor(name, ours[name], ref[name], tolerances[tier], tier, mask))
+        if suffix == "out":
+            agree_tokens = None
+    real = np.asarray(tokens) > config.pad_token
+    top1, kl = distribution_agreement(ours["logits"], ref["logits"], real)
+    ok = top1 >= MIN_TOP1_AGREEMENT[dtype] and kl <= MAX_MEAN_KL[dtype]
+    return ParityRun(mode, comparisons, top1, kl, ok)
+
+
+def compare_model(model: Grok, tokens: np.ndarray, ref: dict[str, np.ndarray], dtype: str,
+                  modes: tuple[str, ...] = MODES) -> dict[str, ParityRun]:
+    runs = {}
+    for mode in modes:
+        ours = torch_end_to_end(model, tokens) if mode == "end_to_end" else torch_teacher_forced(model, tokens, ref)
+        runs[mode] = compare_activations(ours, ref, model.config, tokens, dtype, mode)
+    return runs
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+def parity_tokens(config: GrokConfig, *, seed: int = 0, batch: int = 4, seq_len: int = 256) -> np.ndarray:
+    """[batch, seq_len] random real tokens; row 1 right-padded, row 2 left-padded, row 3 with one pad
+    mid-row (row 0 unpadded), so masking, RoPE positions and padding quirks are all exercised."""
+    rng = np.random.default_rng(seed + 1)
+    tokens = rng.integers(config.pad_token + 1, config.vocab_size, size=(batch, seq_len))
+    quarter = max(1, seq_len // 4)
+    if batch > 1:
+        tokens[1, -quarter:] = config.pad_token
+    if batch > 2:
+        tokens[2, :quarter] = config.pad_token
+    if batch > 3:
+        tokens[3, seq_len // 2] = config.pad_token
+    return tokens.astype(np.int64)
+
+
+def build_model(state: dict[str, torch.Tensor], config: GrokConfig, dtype: str) -> Grok:
+    """A grok_torch model holding exactly `state` (each linear int8 or float, as `state` has it)."""
+    model = Grok(config, weights="int8", dtype=dtype, device="meta")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# ---- the two sources of truth ---------------------------------------------------------------------
+
+def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quantize_attention: bool = True,
+               quantize_moe: bool = True, seq_len: int = 256, batch: int = 4, label: str | None = None,
+               model_hook=None) -> ParityReport:
+    """grok_torch vs the JAX/haiku reference on a seeded random checkpoint of `config`.
+
+    `model_hook(model)`, if given, may alter the torch model before the comparison (used to check
+    that injected bugs are caught).
+    """
+    from convert.state_dict import haiku_tree_to_state_dict
+    from parity.init import init_params
+    from parity.reference import reference_forward
+
+    timings = {}
+    start = time.perf_counter()
+    params = init_params(config, seed=seed, quantize_attention=quantize_attention, quantize_moe=quantize_moe)
+    tokens = parity_tokens(config, seed=seed, batch=batch, seq_len=seq_len)
+    timings["init_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    _, ref = reference_forward(params, tokens, config, fprop_dtype=dtype, capture=True)
+    timings["reference_s"] = time.perf_counter() - start
+    model = build_model(haiku_tree_to_state_dict(params, config), config, dtype)
+    if model_hook is not None:
+        model_hook(model)
+    start = time.perf_counter()
+    runs = compare_model(model, tokens, ref, dtype)
+    timings["torch_and_compare_s"] = time.perf_counter() - start
+    details = {"seed": seed, "quantize_attention": quantize_attention, "quantize_moe": quantize_moe,
+               "tokens_shape": list(tokens.shape), "timings": timings}
+    return ParityReport(label or "haiku reference", config, dtype, runs, details)
+
+
+def load_golden(golden_dir: str | Path) -> tuple[GrokConfig, dict[str, torch.Tensor], np.ndarray, dict[str, np.ndarray]]:
+    """A golden directory: config.json (upstream names), ckpt-0/ (official format), reference.npz."""
+    from convert.raw_checkpoint import read_raw_checkpoint
+    from convert.state_dict import haiku_tree_to_state_dict
+
+    golden_dir = Path(golden_dir)
+    for required in ("config.json", "ckpt-0", "reference.npz"):
+        if not (golden_dir / required).exists():
+            raise FileNotFoundError(f"{golden_dir} is not a golden directory: {required} is missing")
+    config = GrokConfig.from_json(golden_dir / "config.json")
+    state = haiku_tree_to_state_dict(read_raw_checkpoint(golden_dir, config), config)
+    with np.load(golden_dir / "reference.npz") as npz:
+        ref = {k: npz[k] for k in npz.files}
+    return config, state, ref["tokens"].astype(np.int64), ref
+
+
+def run_golden(golden_dir: str | Path, *, state: dict[str, torch.Tensor] | None = None,
+               model_hook=None) -> ParityReport:
+    """grok_torch (bf16, upstream's precision) vs activations recorded from the upstream code.
+
+    `state` replaces the golden checkpoint's weights (e.g. the same checkpoint after a conversion).
+    """
+    config, golden_state, tokens, ref = load_golden(golden_dir)
+    model = build_model(state if state is not None else golden_state, config, "bf16")
+    if model_hook is not None:
+        model_hook(model)
+    runs = compare_model(model, tokens, ref, "bf16")
+    return ParityReport(f"golden {Path(golden_dir).name}", config, "bf16", runs, {"golden_dir": str(golden_dir)})
