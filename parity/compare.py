@@ -41,7 +41,7 @@ class TensorComparison:
         if self.tier == "experts":
             return (f"{self.name}: {int(self.max_abs)}/{self.compared} tokens chose other experts, "
                     f"{self.excluded_tokens} of them near-ties; e.g. "
-                    + ", ".join(f"token {s['index']}: ours {s['ours']:.0f} ref {s['ref']:.0f}" for s in self.samples[:3]))
+                    + ", ".join(f"token {s['index']}: ours {s['ours']} ref {s['ref']}" for s in self.samples[:3]))
         text = (f"{self.name}: max abs diff {self.max_abs:.3g}, max rel diff {self.max_rel:.3g}, "
                 f"rel RMS {self.rel_rms:.3g}, {self.mismatches}/{self.compared} beyond tolerance")
         if self.samples:
@@ -96,14 +96,17 @@ def router_margin(probs: np.ndarray, k: int) -> np.ndarray:
 
 
 def compare_experts(name: str, ours: np.ndarray, ref: np.ndarray, ref_probs: np.ndarray,
-                    near_tie_margin: float) -> tuple[TensorComparison, np.ndarray]:
+                    near_tie_margin: float, skip: np.ndarray | None = None) -> tuple[TensorComparison, np.ndarray]:
     """Chosen experts [B, T, k]: a token may differ only where the reference's router margin is a
-    near-tie. Returns the comparison and the [B, T] mask of tokens whose choices agree."""
+    near-tie (or where `skip` [B, T] says the token already diverged). Returns the comparison and
+    the [B, T] mask of tokens whose choices agree."""
     ours = np.asarray(ours).reshape(ref.shape)
     agree = np.all(np.sort(ours, axis=-1) == np.sort(ref, axis=-1), axis=-1)
     near_tie = router_margin(ref_probs, ref.shape[-1]) < near_tie_margin
+    if skip is not None:
+        near_tie = near_tie | skip
     bad = ~agree & ~near_tie
-    samples = [{"index": list(map(int, idx)), "ours": float(ours[tuple(idx)][0]), "ref": float(ref[tuple(idx)][0])}
+    samples = [{"index": list(map(int, idx)), "ours": ours[tuple(idx)].tolist(), "ref": ref[tuple(idx)].tolist()}
                for idx in np.argwhere(bad)[:5]]
     # For experts: max_abs counts the tokens that disagree, rel_rms is their fraction.
     comparison = TensorComparison(name, tuple(ref.shape), float((~agree).sum()), 0.0, float(np.mean(~agree)),

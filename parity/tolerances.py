@@ -90,8 +90,10 @@ TOLERANCES = {
 }
 
 # Tokens whose reference router margin (k-th minus (k+1)-th probability) is below this may choose
-# different experts without failing: the choice is decided by rounding noise.
-NEAR_TIE_MARGIN = {"fp32": 1e-5, "bf16": 2e-3}
+# different experts without failing: the choice is decided by rounding noise. End to end, bf16
+# drift of ~1 % in the router input moves probabilities by up to ~1e-2.
+NEAR_TIE_MARGIN = {("fp32", "teacher_forced"): 1e-5, ("fp32", "end_to_end"): 1e-4,
+                   ("bf16", "teacher_forced"): 2e-3, ("bf16", "end_to_end"): 2e-2}
 
 # Final distributions, end to end: agreement of the most likely token and KL(ref || ours), over
 # real (non-padding) positions.
