@@ -1,0 +1,22 @@
+"""Shared test set-up: runtime shape checking of grok_torch, paths of the test assets."""
+
+from pathlib import Path
+
+import pytest
+from jaxtyping import install_import_hook
+
+# Every jaxtyping annotation in grok_torch is checked at run time in the tests (beartype), so the
+# shapes written in the forward signatures are enforced, not decoration. Must precede any import
+# of grok_torch.
+with install_import_hook("grok_torch", "beartype.beartype"):
+    import grok_torch.model  # noqa: F401
+    import grok_torch.linear  # noqa: F401
+
+ASSETS = Path(__file__).parent / "assets"
+GOLDEN_DIR = ASSETS / "golden-12l"
+TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "grok1" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN_DIR
