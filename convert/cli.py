@@ -1,0 +1,155 @@
+"""Click commands of the converter: convert, inspect, verify, export-upstream.
+
+They are registered on the `grok-torch` group (grok_torch/cli.py). Errors a user can cause (a bad
+checkpoint, an existing destination, a bad option value) print `error: ...` on stderr, without a
+traceback, and exit with status 1; `verify` exits with 1 when a tensor differs.
+
+Config selection (convert, verify): `--config` takes a preset name or a JSON file (upstream field
+names; extra keys ignored) or a converted directory. Without it, a `config.json` in SRC (or beside
+SRC when SRC is the ckpt-0 directory itself) is used if present, else the `grok-1` preset.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from grok_torch.config import GrokConfig
+
+DEFAULT_CONFIG = "grok-1"
+
+
+class UserError(click.ClickException):
+    """Shown as `error: <message>` on stderr, exit status 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _user_errors(command):
+    """Turn the errors a user can trigger into `error: ...` lines instead of tracebacks."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, KeyError, OSError) as err:  # CheckpointError, DestinationError, ... are ValueErrors
+            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            raise UserError(message) from err
+
+    return wrapper
+
+
+def _config_for(src: Path, option: str | None) -> GrokConfig:
+    if option:
+        return GrokConfig.resolve(option)
+    for candidate in (src / "config.json", src.parent / "config.json" if src.name == "ckpt-0" else None):
+        if candidate is not None and candidate.is_file():
+            click.echo(f"using config {candidate}", err=True)
+            return GrokConfig.from_json(candidate)
+    return GrokConfig.from_name(DEFAULT_CONFIG)
+
+
+def _size(ctx, param, value):
+    from convert.safetensors_io import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+_CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with upstream field names. "
+                "Default: SRC/config.json if present, else grok-1.")
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--config", "config_name", metavar="NAME|JSON", help=_CONFIG_HELP)
+@click.option("--dtype", type=click.Choice(["int8", "bf16", "fp32"]), default="int8", show_default=True,
+              help="int8: keep int8 weights + bf16 scales bit-exact. bf16: dequantize with upstream's "
+                   "rounding. fp32: the exact dequantized products.")
+@click.option("--max-shard-size", default="5GB", show_default=True, callback=_size, metavar="SIZE",
+              help="Largest safetensors shard: 5GB, 500MB, 1GiB or plain bytes.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it is a previous conversion output.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
+@_user_errors
+def convert_cmd(src: Path, dst: Path, config_name: str | None, dtype: str, max_shard_size: int,
+                overwrite: bool, progress: bool | None) -> None:
+    """Convert the official Grok-1 checkpoint SRC (a directory holding ckpt-0/, or ckpt-0 itself) into
+    DST: sharded safetensors in grok_torch names and layout, plus config.json.
+
+    The whole checkpoint is validated first from pickle metadata (no pickle is ever executed); DST
+    appears only when the conversion is complete.
+    """
+    from convert.converter import convert_checkpoint
+
+    config = _config_for(src, config_name)
+    result = convert_checkpoint(src, dst, config, dtype=dtype, max_shard_size=max_shard_size,
+                                overwrite=overwrite, progress=progress)
+    click.echo(f"wrote {result.dst}: {result.tensors} tensors ({result.weight_format}), "
+               f"{result.total_bytes:,} bytes in {len(result.shards)} shard(s)")
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_user_errors
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """List every tensor of PATH - a raw checkpoint (ckpt-0) or a converted directory - with its kind,
+    dtype, shape and bytes, and the totals. Reads metadata only."""
+    from convert.inspect import inspect
+
+    report = inspect(path)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.to_text())
+
+
+@click.command("verify")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--config", "config_name", metavar="NAME|JSON",
+              help="Needed only to compare two raw checkpoints (default as for convert); with a converted "
+                   "directory its config.json is used and --config, if given, must agree.")
+@_user_errors
+def verify_cmd(src: Path, dst: Path, config_name: str | None) -> None:
+    """Re-read SRC and DST and check every tensor bit for bit: a raw checkpoint against its conversion
+    (int8 exact, bf16/fp32 by upstream's dequantization rule), or two raw checkpoints, or two converted
+    directories. Exit status 1 if anything differs."""
+    from convert.converter import is_converted_dir
+    from convert.verify import verify
+
+    both_raw = not is_converted_dir(src) and not is_converted_dir(dst)
+    config = _config_for(src, config_name) if (config_name or both_raw) else None
+    mismatches = verify(src, dst, config)
+    if mismatches:
+        for line in mismatches:
+            click.echo(line)
+        raise UserError(f"{len(mismatches)} mismatch(es) between {src} and {dst}")
+    click.echo(f"ok: every tensor of {dst} matches {src}")
+
+
+@click.command("export-upstream")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace DST if it only holds a ckpt-0 directory.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
+@_user_errors
+def export_upstream_cmd(src: Path, dst: Path, overwrite: bool, progress: bool | None) -> None:
+    """Write the converted directory SRC back in the official layout, DST/ckpt-0/tensor00000_000 ...
+
+    int8 weights become upstream's pickled QuantizedWeight8bit (byte-identical to the original files for
+    an int8 conversion); bf16/fp32 directories give plain float arrays, which upstream's MoE does not run.
+    """
+    from convert.export_upstream import export_upstream
+
+    result = export_upstream(src, dst, overwrite=overwrite, progress=progress)
+    note = (f"; {result.plain_linear} linear weight(s) written unquantized (upstream's MoE runs only "
+            f"quantized experts)" if result.plain_linear else "")
+    click.echo(f"wrote {result.dst / 'ckpt-0'}: {result.files} files, {result.quantized} quantized{note}")
+
+
+COMMANDS = (convert_cmd, inspect_cmd, verify_cmd, export_upstream_cmd)

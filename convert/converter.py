@@ -1,0 +1,249 @@
+"""Convert the official raw checkpoint to a grok-torch directory of sharded safetensors.
+
+Output formats (`weight_format`):
+
+- `int8`: every quantized linear keeps its int8 weight and bf16 scales bit for bit, in the torch layout:
+  weight `[..., out, in]` under `ParamEntry.torch_name`, scales `[..., out, G]` under `torch_scales_name`.
+  A linear weight stored unquantized (a plain bf16/fp32 array) is kept as it is, without scales.
+- `bf16`: linear weights dequantized (`dequantize_torch_layout`, exact in fp32) and rounded once to bf16 -
+  upstream's own `weight.astype(bf16) * scales`, bit for bit; plain float weights are rounded to bf16.
+- `fp32`: linear weights dequantized and kept in fp32 (the exact int8 x bf16 products, whose bf16
+  rounding is the bf16 format); plain float weights widened to fp32.
+
+Embeddings, RMSNorm scales and the router keep their stored fp32 in every format.
+
+A converted directory holds `model-0000k-of-0000N.safetensors`, `model.safetensors.index.json` and
+`config.json`:
+
+    {
+      "format": "grok-torch-converted",        # marks a directory this module wrote
+      "format_version": 1,
+      "weight_format": "int8" | "bf16" | "fp32",
+      "grok_torch_version": "0.1.0",
+      "source": "/abs/path/to/ckpt-0",
+      "grok_config": {...GrokConfig.to_dict()...},   # GrokConfig.from_json reads this directly
+      "quantized": {"layers.0.attn.q_proj.weight": true, ...}   # every linear weight: int8+scales or not
+    }
+
+Each shard's `__metadata__` holds `format: "pt"` (what safetensors tooling expects), `weight_format`,
+`source` and `grok_torch_version`.
+
+`convert_checkpoint` validates the whole source from metadata first (nothing is written if any file is
+missing, extra, malformed, unsafe or of the wrong shape/dtype), then streams one parameter at a time into
+a partial directory beside the destination, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from convert.blocks import CHUNK_BYTES, block_indices, contiguous, nbytes_of
+from convert.layouts import dequantize_torch_layout, scales_to_torch
+from convert.output_dir import check_destination, staged_directory
+from convert.param_names import ParamEntry
+from convert.quantized import QuantizedWeight8bit
+from convert.raw_checkpoint import (TensorFileInfo, numpy_dtype, read_tensor_file, resolve_ckpt_dir,
+                                    validate_raw_checkpoint)
+from convert.safetensors_io import (DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SHARD_FILE_RE, TensorToWrite,
+                                    write_sharded_safetensors)
+
+if TYPE_CHECKING:
+    from grok_torch.config import GrokConfig
+
+WEIGHT_FORMATS = ("int8", "bf16", "fp32")
+FLOAT_FORMAT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+CONFIG_FILE = "config.json"
+FORMAT_MARKER = "grok-torch-converted"
+FORMAT_VERSION = 1
+
+
+def grok_torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("grok-torch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def check_weight_format(weight_format: str) -> str:
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weight_format!r}; expected one of {', '.join(WEIGHT_FORMATS)}")
+    return weight_format
+
+
+# ---- per-parameter conversion ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the converted state dict, planned from metadata: name, dtype, torch shape, and how it is
+    made from the parameter's raw value (`op`: copy | cast | dequantize; `role`: array | weight | scales)."""
+
+    entry: ParamEntry
+    name: str
+    role: str
+    op: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.shape, numpy_dtype(self.dtype))
+
+    def render(self, value: np.ndarray | QuantizedWeight8bit, index: tuple = (...,)) -> np.ndarray:
+        """The C-contiguous block `torch_tensor[index]` of this output, computed from the raw haiku `value`."""
+        if self.role == "scales":
+            return contiguous(scales_to_torch(value.scales)[index])
+        if self.op == "dequantize":
+            weight = contiguous(self.entry.to_torch(value.weight)[index])
+            scales = contiguous(scales_to_torch(value.scales)[index])
+            product = dequantize_torch_layout(weight, scales)  # fp32, exact
+            return np.ascontiguousarray(product.astype(numpy_dtype(self.dtype), copy=False))
+        source = self.entry.to_torch(value.weight if isinstance(value, QuantizedWeight8bit) else value)[index]
+        if self.op == "cast":
+            return contiguous(source).astype(numpy_dtype(self.dtype))
+        return contiguous(source)
+
+    def chunks(self, value: np.ndarray | QuantizedWeight8bit, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """Blocks of this output in C order (one expert's row run at a time), each computed on its own."""
+        for index in block_indices(self.shape, numpy_dtype(self.dtype).itemsize, chunk_bytes):
+            yield self.render(value, index)
+
+
+def plan_param(entry: ParamEntry, quantized: bool, source_dtype: str, weight_format: str) -> list[OutputTensor]:
+    """The output tensors of one parameter stored as `quantized` (int8 + scales) or a `source_dtype` array."""
+    check_weight_format(weight_format)
+    if not entry.quantizable:
+        return [OutputTensor(entry, entry.torch_name, "array", "copy", source_dtype, entry.torch_shape)]
+    if quantized and weight_format == "int8":
+        return [OutputTensor(entry, entry.torch_name, "weight", "copy", "int8", entry.torch_shape),
+                OutputTensor(entry, entry.torch_scales_name, "scales", "copy", "bfloat16", entry.torch_scales_shape)]
+    if quantized:
+        return [OutputTensor(entry, entry.torch_name, "weight", "dequantize", FLOAT_FORMAT_DTYPES[weight_format],
+                             entry.torch_shape)]
+    target = source_dtype if weight_format == "int8" else FLOAT_FORMAT_DTYPES[weight_format]
+    return [OutputTensor(entry, entry.torch_name, "array", "copy" if target == source_dtype else "cast", target,
+                         entry.torch_shape)]
+
+
+def plan_from_info(entry: ParamEntry, info: TensorFileInfo, weight_format: str) -> list[OutputTensor]:
+    return plan_param(entry, info.quantized, info.dtype, weight_format)
+
+
+def convert_param(entry: ParamEntry, value: np.ndarray | QuantizedWeight8bit,
+                  weight_format: str) -> dict[str, np.ndarray]:
+    """haiku value -> {torch name: array} for `weight_format`. E.g. a quantized `moe/linear` w
+    (int8 [E, D, F], bf16 scales [E, 1, F]) in int8 -> {`...gate_proj.weight`: int8 [E, F, D],
+    `...gate_proj.scales`: bf16 [E, F, 1]}; in bf16 -> {`...gate_proj.weight`: bf16 [E, F, D]}."""
+    quantized = isinstance(value, QuantizedWeight8bit)
+    source_dtype = (value.weight if quantized else value).dtype
+    source_dtype = "bfloat16" if source_dtype == np.dtype(ml_dtypes.bfloat16) else source_dtype.name
+    return {out.name: out.render(value) for out in plan_param(entry, quantized, source_dtype, weight_format)}
+
+
+# ---- the converted directory's config.json ---------------------------------------------------------------
+
+def converted_config(config: "GrokConfig", weight_format: str, source: str,
+                     outputs: list[OutputTensor]) -> dict[str, object]:
+    quantized = {o.entry.torch_name: False for o in outputs if o.entry.quantizable}
+    quantized.update({o.entry.torch_name: True for o in outputs if o.role == "scales"})
+    return {"format": FORMAT_MARKER, "format_version": FORMAT_VERSION, "weight_format": weight_format,
+            "grok_torch_version": grok_torch_version(), "source": source, "grok_config": config.to_dict(),
+            "quantized": quantized}
+
+
+def read_converted_config(directory: str | os.PathLike) -> dict[str, object]:
+    """The config.json of a converted directory; ValueError naming the file if it is not one."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read a converted directory's config: {err}") from None
+    if not isinstance(values, dict) or values.get("format") != FORMAT_MARKER:
+        raise ValueError(f"{path}: not a grok-torch converted directory (no \"format\": \"{FORMAT_MARKER}\")")
+    if values.get("weight_format") not in WEIGHT_FORMATS or "grok_config" not in values:
+        raise ValueError(f"{path}: missing or unknown weight_format / grok_config")
+    return values
+
+
+def is_converted_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / INDEX_FILE).is_file()
+
+
+def _replaceable_output(name: str) -> bool:
+    return name in (CONFIG_FILE, INDEX_FILE) or bool(SHARD_FILE_RE.match(name))
+
+
+# ---- the driver --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConversionResult:
+    dst: Path
+    weight_format: str
+    shards: list[str]
+    tensors: int
+    total_bytes: int
+
+
+class _LastParam:
+    """Reads each raw file once even when several outputs (weight, scales) come from it; holds only one."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.value = None
+
+    def get(self, info: TensorFileInfo):
+        if self.path != info.path:
+            self.value, self.path = None, None  # free the previous parameter before reading the next
+            self.value, self.path = read_tensor_file(info.path, info), info.path
+        return self.value
+
+
+def progress_bar(total: int, desc: str, progress: bool | None):
+    """A tqdm byte counter (size, rate, ETA) on stderr: shown on a TTY, or when `progress` is True."""
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not show,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "GrokConfig", dtype: str = "int8",
+                       max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+                       progress: bool | None = None, chunk_bytes: int = CHUNK_BYTES) -> ConversionResult:
+    """Raw checkpoint `src` (a directory holding ckpt-0/, or ckpt-0) -> converted directory `dst`.
+
+    Raises CheckpointError (source), DestinationError (dst exists / overlaps src) or ValueError (arguments)
+    before writing anything; on a failure while writing, nothing is left at `dst`.
+    """
+    weight_format = check_weight_format(dtype)
+    ckpt_dir = resolve_ckpt_dir(src)
+    dst = check_destination(dst, ckpt_dir.parent if ckpt_dir.name == "ckpt-0" else ckpt_dir,
+                            overwrite=overwrite, replaceable=_replaceable_output, what="convert")
+    pairs = validate_raw_checkpoint(ckpt_dir, config)
+    source = str(ckpt_dir.resolve())
+    cache = _LastParam()
+    outputs: list[tuple[OutputTensor, TensorFileInfo]] = [
+        (out, info) for entry, info in pairs for out in plan_from_info(entry, info, weight_format)]
+
+    def chunks_of(out: OutputTensor, info: TensorFileInfo) -> Callable[[], Iterator[np.ndarray]]:
+        return lambda: out.chunks(cache.get(info), chunk_bytes)
+
+    tensors = [TensorToWrite(out.name, out.dtype, out.shape, chunks_of(out, info)) for out, info in outputs]
+    total = sum(t.nbytes for t in tensors)
+    metadata = {"format": "pt", "weight_format": weight_format, "source": source,
+                "grok_torch_version": grok_torch_version()}
+    with staged_directory(dst) as partial, progress_bar(total, f"convert ({weight_format})", progress) as bar:
+        shards = write_sharded_safetensors(partial, tensors, max_shard_size=max_shard_size, metadata=metadata,
+                                           index_metadata={"weight_format": weight_format}, on_bytes=bar.update)
+        config_values = converted_config(config, weight_format, source, [out for out, _ in outputs])
+        (partial / CONFIG_FILE).write_text(json.dumps(config_values, indent=2) + "\n")
+    return ConversionResult(dst, weight_format, [p.name for p in shards], len(tensors), total)

@@ -1,0 +1,93 @@
+"""Helpers that build raw checkpoints for tests: copies of the golden one, altered or permuted."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+from convert.param_names import checkpoint_layout
+from convert.raw_checkpoint import TENSOR_FILE
+from grok_torch.config import GrokConfig
+
+GOLDEN_DIR = Path(__file__).parent / "assets" / "golden-12l"
+
+
+def golden_config() -> GrokConfig:
+    return GrokConfig.from_json(GOLDEN_DIR / "config.json")
+
+
+def copy_golden(dst_dir: Path) -> Path:
+    """A writable copy of the golden checkpoint: dst_dir/ckpt-0/... (config.json not copied); returns dst_dir."""
+    shutil.copytree(GOLDEN_DIR / "ckpt-0", Path(dst_dir) / "ckpt-0")
+    return Path(dst_dir)
+
+
+def tensor_path(ckpt_root: Path, index: int) -> Path:
+    return Path(ckpt_root) / "ckpt-0" / TENSOR_FILE.format(index=index)
+
+
+def replace_tensor(ckpt_root: Path, index: int, obj: object, protocol: int = 4) -> Path:
+    """Overwrite file `index` with `pickle.dumps(obj)` (pickling only; nothing is ever unpickled)."""
+    path = tensor_path(ckpt_root, index)
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    return path
+
+
+def entry_index(config: GrokConfig, haiku_name: str) -> int:
+    """File index of a parameter, e.g. `transformer/decoder_layer_2/rms_norm/scale`."""
+    return next(e.index for e in checkpoint_layout(config) if e.haiku_name == haiku_name)
+
+
+def permute_layers_numeric(src_dir: Path, dst_dir: Path, config: GrokConfig) -> Path:
+    """Write dst_dir/ckpt-0 with the layers' files in numeric layer order (0, 1, 2, ...) where the format
+    has them in lexicographic order (0, 1, 10, 11, 2, ...): the mistake of a converter that assumes numeric
+    order. The k-th layer slot of the file sequence then holds layer k, so a correct reader sees, e.g.,
+    layer 2's weights as `decoder_layer_10`. Shapes agree, so validation passes; the model must not."""
+    src_ckpt, dst_ckpt = Path(src_dir) / "ckpt-0", Path(dst_dir) / "ckpt-0"
+    dst_ckpt.mkdir(parents=True)
+    layout = checkpoint_layout(config)
+    lexicographic = sorted(range(config.num_layers), key=str)  # layer of each slot in file order
+    by_name = {e.haiku_name: e.index for e in layout}
+    for entry in layout:
+        source_index = entry.index
+        if entry.layer is not None:
+            numeric_layer = lexicographic.index(entry.layer)  # the slot number this layer occupies
+            source_name = entry.haiku_name.replace(f"decoder_layer_{entry.layer}/", f"decoder_layer_{numeric_layer}/")
+            source_index = by_name[source_name]
+        shutil.copyfile(src_ckpt / TENSOR_FILE.format(index=source_index),
+                        dst_ckpt / TENSOR_FILE.format(index=entry.index))
+    return Path(dst_dir)
+
+
+class SystemCall:
+    """Unpickling this would run `os.system(command)`."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class EvalCall:
+    """Unpickling this would run `eval(source)`."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __reduce__(self):
+        return eval, (self.source,)
+
+
+class PopenCall:
+    """Unpickling this would start `subprocess.Popen(argv)`."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+
+    def __reduce__(self):
+        import subprocess
+
+        return subprocess.Popen, (self.argv,)

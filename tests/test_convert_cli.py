@@ -1,0 +1,119 @@
+"""The click commands: convert, inspect, verify, export-upstream, and their error reporting."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from convert.cli import COMMANDS, convert_cmd, export_upstream_cmd, inspect_cmd, verify_cmd
+from helpers_ckpt import GOLDEN_DIR, SystemCall, copy_golden
+
+CONFIG = str(GOLDEN_DIR / "config.json")
+
+
+@click.group()
+def cli() -> None:
+    """Stand-in for the grok-torch group."""
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_convert_inspect_verify_export_round_trip(tmp_path):
+    out, back = tmp_path / "int8", tmp_path / "back"
+    result = run("convert", GOLDEN_DIR, out, "--config", CONFIG, "--max-shard-size", "1MB", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {out}: 230 tensors (int8), 7,353,600 bytes in 8 shard(s)")
+    assert json.loads((out / "config.json").read_text())["weight_format"] == "int8"
+
+    result = run("inspect", out)
+    assert result.exit_code == 0 and "layers.11.moe.down_proj.scales" in result.stdout and "total: 230" in result.stdout
+    report = json.loads(run("inspect", GOLDEN_DIR, "--json").stdout)
+    assert report["format"] == "raw checkpoint" and len(report["tensors"]) == 146
+
+    result = run("verify", GOLDEN_DIR, out)
+    assert result.exit_code == 0 and result.stdout.startswith("ok: every tensor")
+
+    result = run("export-upstream", out, back)
+    assert result.exit_code == 0 and "146 files, 84 quantized" in result.stdout
+    result = run("verify", GOLDEN_DIR, back, "--config", CONFIG)
+    assert result.exit_code == 0, result.output
+
+
+def test_config_json_in_src_is_used_by_default(tmp_path):
+    result = run("convert", GOLDEN_DIR, tmp_path / "bf16", "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    assert f"using config {GOLDEN_DIR / 'config.json'}" in result.stderr
+    result = run("export-upstream", tmp_path / "bf16", tmp_path / "back")
+    assert result.exit_code == 0 and "84 linear weight(s) written unquantized" in result.stdout
+
+
+def test_default_config_is_grok1(tmp_path):
+    root = copy_golden(tmp_path / "src")  # no config.json beside ckpt-0
+    result = run("convert", root, tmp_path / "out")
+    assert_user_error(result, "expected exactly 770 files")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_destination(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    assert_user_error(run("convert", GOLDEN_DIR, tmp_path / "out"), "already exists; use --overwrite")
+
+
+def test_malicious_checkpoint_prints_one_error_and_runs_nothing(tmp_path):
+    root = copy_golden(tmp_path / "src")
+    marker = tmp_path / "MARKER"
+    (root / "ckpt-0" / "tensor00003_000").write_bytes(pickle.dumps(SystemCall(f"touch {marker}"), protocol=4))
+    result = run("convert", root, tmp_path / "out", "--config", CONFIG)
+    assert_user_error(result, "tensor00003_000", "system' is not allowed", "decoder_layer_0/moe/linear_1/w")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert_user_error(run("inspect", root), "tensor00003_000", "not allowed")
+
+
+def test_bad_options_are_usage_errors(tmp_path):
+    result = run("convert", GOLDEN_DIR, tmp_path / "out", "--max-shard-size", "5 parsecs")
+    assert result.exit_code == 2 and "invalid size" in result.output
+    result = run("convert", GOLDEN_DIR, tmp_path / "out", "--dtype", "int4")
+    assert result.exit_code == 2
+    assert_user_error(run("convert", GOLDEN_DIR, tmp_path / "out", "--config", "grok-9"), "neither a preset")
+    assert_user_error(run("inspect", tmp_path / "nothing"), "no such directory")
+
+
+def test_verify_mismatch_exits_1(tmp_path):
+    run("convert", GOLDEN_DIR, tmp_path / "a", "--dtype", "bf16")
+    run("convert", GOLDEN_DIR, tmp_path / "b", "--dtype", "fp32")
+    result = run("verify", tmp_path / "a", tmp_path / "b")
+    assert_user_error(result, "mismatch(es)")
+    assert "tensor layers.0.attn.k_proj.weight: float32[128, 64], expected bfloat16[128, 64]" in result.stdout
+
+
+@pytest.mark.parametrize("command, text", [(convert_cmd, "--max-shard-size"), (inspect_cmd, "converted directory"),
+                                           (verify_cmd, "bit for bit"), (export_upstream_cmd, "QuantizedWeight8bit")])
+def test_help(command, text):
+    result = CliRunner().invoke(command, ["--help"])
+    assert result.exit_code == 0 and text in result.output
+
+
+def test_progress_bar_only_when_asked_in_a_pipe(tmp_path):
+    quiet = run("convert", GOLDEN_DIR, tmp_path / "a", "--config", CONFIG)
+    assert quiet.exit_code == 0 and "convert (int8)" not in quiet.stderr
+    shown = run("convert", GOLDEN_DIR, tmp_path / "b", "--config", CONFIG, "--progress")
+    assert shown.exit_code == 0 and "convert (int8): 100%" in shown.stderr and "7.01M/7.01M" in shown.stderr
