@@ -226,8 +226,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
     """
     weight_format = check_weight_format(dtype)
     ckpt_dir = resolve_ckpt_dir(src)
-    dst = check_destination(dst, ckpt_dir.parent if ckpt_dir.name == "ckpt-0" else ckpt_dir,
-                            overwrite=overwrite, replaceable=_replaceable_output, what="convert")
+    dst = check_destination(dst, ckpt_dir, overwrite=overwrite, replaceable=_replaceable_output, what="convert")
     pairs = validate_raw_checkpoint(ckpt_dir, config)
     source = str(ckpt_dir.resolve())
     cache = _LastParam()

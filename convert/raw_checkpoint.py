@@ -131,6 +131,7 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _MAX_STRING = 1 << 16  # no string in a checkpoint pickle is longer than a module name
 _MAX_MEMO = 1 << 16
 _MAX_STACK = 1 << 12
+_MAX_OPCODES = 1 << 16  # a checkpoint pickle has about a hundred; this bounds work and memory on hostile input
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ class _Machine:
         self.marks: list[int] = []
         self.memo: dict[int, object] = {}
         self.protocol = 0
+        self.stopped, self.result = False, None
 
     # -- helpers
     def push(self, value: object) -> None:
@@ -318,18 +320,22 @@ class _Machine:
         self.protocol = self.r.read(1)[0]
         if not 2 <= self.protocol <= 5:
             raise _Malformed(f"pickle protocol {self.protocol}; expected protocol 2-5")
-        while True:
+        for _ in range(_MAX_OPCODES):
             at = self.r.pos
             op = self.r.read(1)[0]
             if op not in self._HANDLERS:
                 raise _Malformed(f"opcode 0x{op:02x} ({_opcode_label(op)}) at byte {at} is not allowed; expected "
                                  f"only the opcodes of a pickled numpy array or QuantizedWeight8bit")
-            if op == 0x2E:  # STOP
-                result = self.pop()
-                if self.stack or self.marks:
-                    raise _Malformed("STOP with more than one object on the stack")
-                return result
             self._HANDLERS[op](self)
+            if self.stopped:
+                return self.result
+        raise _Malformed(f"more than {_MAX_OPCODES} opcodes; a checkpoint pickle has about a hundred")
+
+    def _stop(self) -> None:
+        self.result = self.pop()
+        if self.stack or self.marks:
+            raise _Malformed("STOP with more than one object on the stack")
+        self.stopped = True
 
     def _proto(self) -> None:
         raise _Malformed("a second PROTO opcode")
@@ -338,6 +344,8 @@ class _Machine:
         self.length("<Q", "a FRAME")  # frames are only a read-ahead hint; the length is still checked
 
     def _mark(self) -> None:
+        if len(self.marks) >= _MAX_STACK:
+            raise _Malformed(f"more than {_MAX_STACK} nested MARKs")
         self.marks.append(len(self.stack))
 
     def _short_binunicode(self) -> None:
@@ -478,7 +486,7 @@ class _Machine:
         self.push(self.payload("<Q"))
 
     _HANDLERS = {
-        0x80: _proto, 0x95: _frame, 0x28: _mark, 0x2E: None, 0x8C: _short_binunicode, 0x58: _binunicode,
+        0x80: _proto, 0x95: _frame, 0x28: _mark, 0x2E: _stop, 0x8C: _short_binunicode, 0x58: _binunicode,
         0x8D: _binunicode8, 0x94: _memoize, 0x71: _binput, 0x72: _long_binput, 0x68: _binget,
         0x6A: _long_binget, 0x63: _global, 0x93: _stack_global, 0x29: _empty_tuple, 0x74: _tuple,
         0x85: lambda self: self._tuple_n(1), 0x86: lambda self: self._tuple_n(2),

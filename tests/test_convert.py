@@ -16,7 +16,7 @@ from convert.inspect import inspect
 from convert.output_dir import DestinationError
 from convert.param_names import checkpoint_layout
 from convert.quantized import QuantizedWeight8bit
-from convert.raw_checkpoint import CheckpointError, read_raw_checkpoint
+from convert.raw_checkpoint import CheckpointError, read_raw_checkpoint, validate_raw_checkpoint
 from convert.safetensors_io import (INDEX_FILE, TensorToWrite, list_safetensors_dir, load_tensor, parse_size,
                                     plan_shards, read_safetensors_header)
 from convert.verify import verify
@@ -245,21 +245,38 @@ def _umask() -> int:
     return mask
 
 
-@pytest.mark.parametrize("damage", ["missing", "malicious", "wrong_shape", "truncated"])
-def test_bad_source_leaves_no_destination(tmp_path, config, damage):
+@pytest.mark.parametrize("damage, expected", [
+    ("missing", "missing file(s) tensor00100_000"),
+    ("extra", "extra file(s) tensor00146_000"),
+    ("empty", "tensor00100_000: empty file"),
+    ("truncated", "tensor00100_000: truncated"),
+    ("wrong_shape", "tensor00100_000: parameter transformer/decoder_layer_6/rms_norm_1/scale: found float32[3]"),
+    ("wrong_dtype", "tensor00100_000: parameter transformer/decoder_layer_6/rms_norm_1/scale: found float64[64]"),
+    ("malicious", "tensor00100_000: global 'posix.system' is not allowed"),
+])
+def test_bad_source_leaves_no_destination(tmp_path, config, damage, expected):
     root = copy_golden(tmp_path / "src")
     marker = tmp_path / "MARKER"
-    path = root / "ckpt-0" / "tensor00100_000"
+    index = entry_index(config, "transformer/decoder_layer_6/rms_norm_1/scale")
+    path = root / "ckpt-0" / f"tensor{index:05d}_000"
+    expected = expected.replace("tensor00100_000", path.name)
     if damage == "missing":
         path.unlink()
-    elif damage == "malicious":
-        replace_tensor(root, 100, SystemCall(f"touch {marker}"))
-    elif damage == "wrong_shape":
-        replace_tensor(root, 100, np.zeros(3, np.float32))
-    else:
+    elif damage == "extra":
+        (root / "ckpt-0" / "tensor00146_000").write_bytes(path.read_bytes())
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
         path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(CheckpointError, match="tensor00100_000"):
+    elif damage == "wrong_shape":
+        replace_tensor(root, index, np.zeros(3, np.float32))
+    elif damage == "wrong_dtype":
+        replace_tensor(root, index, np.zeros(config.emb_size, np.float64))
+    else:
+        replace_tensor(root, index, SystemCall(f"touch {marker}"))
+    with pytest.raises(CheckpointError) as err:
         convert_checkpoint(root, tmp_path / "dst", config)
+    assert expected in str(err.value)
     assert not (tmp_path / "dst").exists() and _leftovers(tmp_path) == [] and not marker.exists()
 
 
@@ -283,8 +300,11 @@ def test_failure_while_writing_removes_the_partial_output(tmp_path, config, monk
 
 def test_destination_overlapping_the_source_is_refused(tmp_path, config):
     root = copy_golden(tmp_path / "src")
-    with pytest.raises(DestinationError, match="overlaps the source"):
-        convert_checkpoint(root, root / "converted", config)
+    for dst in (root / "ckpt-0" / "converted", root, root / "ckpt-0"):
+        with pytest.raises(DestinationError, match="overlaps the source"):
+            convert_checkpoint(root, dst, config, overwrite=True)
+    convert_checkpoint(root, root / "converted", config)  # beside ckpt-0 is fine
+    assert validate_raw_checkpoint(root, config) and verify(root, root / "converted") == []
 
 
 # ---- verify and inspect ----------------------------------------------------------------------------------

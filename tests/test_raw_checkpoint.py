@@ -332,3 +332,16 @@ def test_numeric_layer_order_still_validates_but_moves_layers(tmp_path):
         assert np.array_equal(a, b)
     assert not np.array_equal(moved["transformer/decoder_layer_2/router"]["w"],
                               original["transformer/decoder_layer_2/router"]["w"])
+
+
+def test_hostile_opcode_floods_are_bounded(tmp_path):
+    path = tmp_path / "tensor00000_000"
+    path.write_bytes(b"\x80\x04" + b"(" * 100_000 + b".")
+    with pytest.raises(CheckpointError, match="nested MARKs"):
+        scan_tensor_file(path)
+    path.write_bytes(b"\x80\x04" + b"N0" * 100_000 + b".")  # NONE, POP: POP is not allowed either
+    with pytest.raises(CheckpointError, match="POP"):
+        scan_tensor_file(path)
+    path.write_bytes(b"\x80\x04]" + b"Na" * 100_000 + b".")  # EMPTY_LIST, then NONE/APPEND forever
+    with pytest.raises(CheckpointError, match="more than 65536 opcodes"):
+        scan_tensor_file(path)
