@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from grok_torch.generate_cli import generate_cmd
 from parity.cli import parity_cmd
 
 
@@ -15,3 +16,4 @@ def main() -> None:
 
 
 main.add_command(parity_cmd)
+main.add_command(generate_cmd)

@@ -1,0 +1,88 @@
+"""`grok-torch generate`: sample text from a converted directory, streamed to the terminal."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import click
+
+DEFAULT_TOKENIZER = "tokenizer.model"
+
+
+@click.command("generate")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="Text to continue; repeat for a batch (rows are left-padded and run together).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Tokens to generate per prompt at most (a row also stops at EOS).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Softmax temperature; 0 is greedy (argmax). The default is upstream run.py's.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling with upstream's rule; 1 keeps every token.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the sampling generator.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
+              help=f"SentencePiece model (the release's tokenizer.model) [default: PATH/{DEFAULT_TOKENIZER}].")
+@click.option("--weights", type=click.Choice(["int8", "bf16", "fp32"]), default="int8", show_default=True,
+              help="Keep int8 weights (weight-only quantized matmuls) or dequantize them.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Compute dtype (bf16 is upstream's).")
+@click.option("--truncate", is_flag=True,
+              help="Left-truncate prompts too long for the model's sequence_len instead of refusing them.")
+def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int, tokenizer_path: Path | None, weights: str, dtype: str, truncate: bool) -> None:
+    """Continue each --prompt with the model in the converted directory PATH.
+
+    One prompt streams its continuation as it is produced; several print each row, labelled, as it
+    finishes. A closing line gives the prefill and decode speeds in tokens/s.
+    """
+    import grok_torch
+    from grok_torch.generate import GenerationError, PromptTruncatedWarning, fit_prompts, generate
+    from grok_torch.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+
+    if not path.is_dir():
+        raise click.ClickException(f"{path}: not a directory (expected a converted grok-torch directory)")
+    try:
+        tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else path / DEFAULT_TOKENIZER)
+    except TokenizerError as err:
+        hint = "" if tokenizer_path is not None else " (pass --tokenizer FILE: the release's tokenizer.model)"
+        raise click.ClickException(f"{err}{hint}") from None
+    try:
+        model = grok_torch.load(path, weights=weights, dtype=dtype)
+        tokenizer.check_model_vocab(model.config.vocab_size)
+    except (ValueError, OSError) as err:  # LoadError, TokenizerError, a bad config.json
+        raise click.ClickException(str(err)) from None
+
+    encoded = [tokenizer.encode(text) for text in prompts]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        try:
+            fitted = fit_prompts(encoded, max_new_tokens, model.config.sequence_len, model.config.vocab_size,
+                                 truncate)
+        except GenerationError as err:
+            raise click.ClickException(str(err)) from None
+    for warning in caught:
+        click.echo(f"Warning: {warning.message}", err=True)
+
+    single = len(prompts) == 1
+    decoders = [StreamDecoder(tokenizer, prompt) for prompt in fitted]
+
+    def on_token(row: int, token: int) -> None:
+        text = decoders[row].push(token)
+        if single and text:
+            click.echo(text, nl=False)
+
+    def on_finish(row: int, reason: str) -> None:
+        if single:
+            click.echo(decoders[row].flush())
+        else:  # a whole row at a time keeps a batch readable
+            click.echo(f"[{row + 1}] ({reason}) {tokenizer.decode(fitted[row])}{decoders[row].text}")
+
+    if single:
+        click.echo(tokenizer.decode(fitted[0]), nl=False)
+    try:
+        result = generate(model, fitted, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, on_token=on_token, on_finish=on_finish)
+    except GenerationError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(result.stats.summary())
