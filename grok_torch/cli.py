@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from convert.cli import convert_cmd, export_upstream_cmd, inspect_cmd, verify_cmd
 from grok_torch.generate_cli import generate_cmd
 from parity.cli import parity_cmd
 
@@ -15,5 +16,5 @@ def main() -> None:
     and run the model."""
 
 
-main.add_command(parity_cmd)
-main.add_command(generate_cmd)
+for command in (convert_cmd, inspect_cmd, verify_cmd, export_upstream_cmd, parity_cmd, generate_cmd):
+    main.add_command(command)

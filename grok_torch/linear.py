@@ -98,8 +98,8 @@ class Linear(nn.Module):
     def quantized(self) -> bool:
         return self.scales is not None
 
-    def materialize(self, dtype: torch.dtype, index: int | None = None) -> Float[Tensor, "out inp"]:
-        """The float weight `[out, in]` (of stacked matrix `index`) in `dtype`.
+    def materialize(self, dtype: torch.dtype, index: int | None = None) -> Float[Tensor, "*stack out inp"]:
+        """The float weight `[*stack, out, in]` (or stacked matrix `index`: `[out, in]`) in `dtype`.
 
         Quantized weights are dequantized as upstream does (rounded to bf16, except where the layer
         says upstream keeps the exact product): those values are the model's weights, whatever the

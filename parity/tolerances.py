@@ -2,7 +2,7 @@
 
 A tensor passes when its relative RMS error is within `max_rel_rms` and at most
 `max_mismatch_fraction` of its elements lie outside `rtol * |ref| + atol * rms(ref)`.
-Tiers: norm (RMSNorm outputs), block (projections, attention and MoE outputs), router (fp32 router
+Tiers: embedding (the scaled table lookup), norm (RMSNorm outputs), block (projections, attention and MoE outputs), router (fp32 router
 logits, probabilities and gates), layer (the residual stream), logits.
 """
 
@@ -28,7 +28,7 @@ TIER_OF_SUFFIX = {
     "q_proj": "block", "k_proj": "block", "v_proj": "block", "attn_context": "block", "attn_out": "block",
     "moe_out": "block",
     "router_logits": "router", "router_probs": "router", "expert_gate": "router",
-    "input_embeddings": "layer", "input": "layer", "h_after_attn": "layer", "out": "layer",
+    "input_embeddings": "embedding", "input": "layer", "h_after_attn": "layer", "out": "layer",
     "logits": "logits",
 }
 
@@ -40,14 +40,24 @@ def tier_of(name: str) -> str:
     return TIER_OF_SUFFIX[suffix]
 
 
-_FP32_EXACT = "both sides compute in fp32 from identical inputs; only summation order differs"
+# The scaled embedding is a table lookup times one constant (rounded to the activation dtype):
+# there is no summation whose order could differ, so it must be bit-exact in either precision.
+# A multiplier applied unrounded in bf16 moves ~40 % of the values by one bf16 step, well inside
+# every other bf16 tier; only this one sees it.
+EMBEDDING_EXACT = Tolerance(0.0, 0.0, 0.0, 0.0, "a lookup times a constant: no rounding freedom")
 
-# fp32, each layer fed the reference's input: agreement to about 1e-5 relative.
+_FP32_EXACT = "both sides compute in fp32 from identical inputs; only summation order differs"
+_FP32_ATTENTION = (_FP32_EXACT + "; the softmax over peaked logits (std ~6) turns 1e-7 logit differences "
+                   "into elementwise errors of up to ~2e-5 of the tensor's RMS (measured: rel RMS stays < 1e-6)")
+
+# fp32, each layer fed the reference's input: agreement to about 1e-5 relative (relative RMS error
+# at most 1e-5; measured <= 1e-6 on every test config).
 FP32_TEACHER_FORCED = {
-    "norm": Tolerance(1e-5, 1e-6, 0.0, 1e-5, _FP32_EXACT),
-    "block": Tolerance(1e-5, 1e-5, 0.0, 1e-5, _FP32_EXACT),
-    "router": Tolerance(1e-5, 1e-6, 0.0, 1e-5, _FP32_EXACT),
-    "layer": Tolerance(1e-5, 1e-6, 0.0, 1e-5, _FP32_EXACT),
+    "embedding": EMBEDDING_EXACT,
+    "norm": Tolerance(1e-5, 4e-5, 0.0, 1e-5, _FP32_ATTENTION),
+    "block": Tolerance(1e-5, 4e-5, 0.0, 1e-5, _FP32_ATTENTION),
+    "router": Tolerance(1e-5, 1e-5, 0.0, 1e-5, _FP32_EXACT),
+    "layer": Tolerance(1e-5, 1e-5, 0.0, 1e-5, _FP32_EXACT),
     "logits": Tolerance(1e-5, 1e-5, 0.0, 1e-5, _FP32_EXACT),
 }
 
@@ -55,6 +65,7 @@ FP32_TEACHER_FORCED = {
 # softmax amplify 1e-7 differences a little at every layer.
 _FP32_E2E = "fp32 rounding differences compound through the layers"
 FP32_END_TO_END = {
+    "embedding": EMBEDDING_EXACT,
     "norm": Tolerance(1e-4, 1e-5, 0.0, 1e-4, _FP32_E2E),
     "block": Tolerance(1e-4, 1e-4, 0.0, 1e-4, _FP32_E2E),
     "router": Tolerance(1e-4, 1e-5, 0.0, 1e-4, _FP32_E2E),
@@ -67,6 +78,7 @@ FP32_END_TO_END = {
 # softmax or the router; the golden reference shows <= 0.25 % of a layer's outputs not bit-exact.
 _BF16_TF = "bf16 rounding is not unique: one last-bit flip in an intermediate may move a value a few ulps"
 BF16_TEACHER_FORCED = {
+    "embedding": EMBEDDING_EXACT,
     "norm": Tolerance(4 * BF16_ULP, BF16_ULP, 0.01, 0.01, _BF16_TF),
     "block": Tolerance(4 * BF16_ULP, BF16_ULP, 0.01, 0.01, _BF16_TF),
     "router": Tolerance(1e-3, 1e-3, 0.01, 0.01, _BF16_TF + " (router input is the bf16 norm output)"),
@@ -79,7 +91,7 @@ BF16_TEACHER_FORCED = {
 _BF16_E2E = "bf16 differences compound through the layers (upstream itself is not bit-reproducible)"
 BF16_END_TO_END = {
     tier: Tolerance(1.0, 1.0, 1.0, rel_rms, _BF16_E2E)
-    for tier, rel_rms in {"norm": 0.1, "block": 0.15, "router": 0.15, "layer": 0.1, "logits": 0.1}.items()
+    for tier, rel_rms in {"embedding": 0.0, "norm": 0.1, "block": 0.15, "router": 0.15, "layer": 0.1, "logits": 0.1}.items()
 }
 
 TOLERANCES = {
