@@ -7,8 +7,9 @@ Output formats (`weight_format`):
   A linear weight stored unquantized (a plain bf16/fp32 array) is kept as it is, without scales.
 - `bf16`: linear weights dequantized (`dequantize_torch_layout`, exact in fp32) and rounded once to bf16 -
   upstream's own `weight.astype(bf16) * scales`, bit for bit; plain float weights are rounded to bf16.
-- `fp32`: linear weights dequantized and kept in fp32 (the exact int8 x bf16 products, whose bf16
-  rounding is the bf16 format); plain float weights widened to fp32.
+- `fp32`: linear weights dequantized to the values upstream computes with, held in fp32: `bf16(int8 x
+  scales)` widened, except the MoE down projection (`moe/linear_1`), whose exact int8 x bf16 products
+  upstream feeds to an fp32 matmul (measured on the golden reference); plain float weights widened.
 
 Embeddings, RMSNorm scales and the router keep their stored fp32 in every format.
 
@@ -106,6 +107,10 @@ class OutputTensor:
             weight = contiguous(self.entry.to_torch(value.weight)[index])
             scales = contiguous(scales_to_torch(value.scales)[index])
             product = dequantize_torch_layout(weight, scales)  # fp32, exact
+            if self.dtype == "float32" and self.entry.rule.dequant_rounds_to_bf16:
+                # upstream computes with bf16(int8 * scales); only the MoE down projection keeps the
+                # exact product (XLA fuses it into an fp32 matmul), so fp32 holds the weights upstream uses
+                product = product.astype(ml_dtypes.bfloat16)
             return np.ascontiguousarray(product.astype(numpy_dtype(self.dtype), copy=False))
         source = self.entry.to_torch(value.weight if isinstance(value, QuantizedWeight8bit) else value)[index]
         if self.op == "cast":

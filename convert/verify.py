@@ -4,7 +4,8 @@
 
 - raw and converted (either order): each converted tensor must equal what `convert.converter` computes from
   the raw parameter for the directory's weight format: int8 weights and bf16 scales bit-exact,
-  bf16 = `bf16(int8 * scales)` (upstream's dequantization), fp32 = the exact int8 x bf16 products, plain
+  bf16 = `bf16(int8 * scales)` (upstream's dequantization), fp32 = the values upstream computes with
+  (that rounding widened, the exact product for the MoE down projection), plain
   tensors bit-exact (or rounded once, for a float weight in another float format). Missing and unexpected
   tensors, and a wrong `quantized` map in config.json, are mismatches too.
 - raw and raw (e.g. an original and its export-upstream round trip): every file's kind, dtypes, shapes and

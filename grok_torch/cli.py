@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from convert.cli import convert_cmd, export_upstream_cmd, inspect_cmd, verify_cmd
+from grok_torch.demo import demo_cmd
 from grok_torch.generate_cli import generate_cmd
 from parity.cli import parity_cmd
 
@@ -16,5 +17,5 @@ def main() -> None:
     and run the model."""
 
 
-for command in (convert_cmd, inspect_cmd, verify_cmd, export_upstream_cmd, parity_cmd, generate_cmd):
+for command in (convert_cmd, inspect_cmd, verify_cmd, export_upstream_cmd, parity_cmd, generate_cmd, demo_cmd):
     main.add_command(command)

@@ -144,6 +144,9 @@ PRESETS: dict[str, GrokConfig] = {
                                    num_layers=1, vocab_size=256, sequence_len=512),
     "tiny-12l": dataclasses.replace(_GROK1, emb_size=32, key_size=8, num_q_heads=4, num_kv_heads=1,
                                     num_layers=12, vocab_size=256, sequence_len=512),
+    # The demo's model: tiny widths with the real vocabulary, so the release's tokenizer fits it.
+    "demo": dataclasses.replace(_GROK1, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2,
+                                num_layers=2, sequence_len=256),
     # Synthetic checkpoint preset matching the real width, used by the benchmarks.
     "grok-1-width-1l": dataclasses.replace(_GROK1, num_layers=1),
 }

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from grok_torch.config import GrokConfig
-from grok_torch.model import Grok
+from grok_torch.model import COMPUTE_DTYPES, Grok
 from parity.compare import (AFTER_EXPERT_CHOICE, TensorComparison, compare_experts, compare_tensor,
                             distribution_agreement, forward_order)
 from parity.tolerances import MAX_MEAN_KL, MIN_TOP1_AGREEMENT, NEAR_TIE_MARGIN, TOLERANCES, tier_of
@@ -176,11 +176,14 @@ def build_model(state: dict[str, torch.Tensor], config: GrokConfig, dtype: str) 
 
 def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quantize_attention: bool = True,
                quantize_moe: bool = True, seq_len: int = 256, batch: int = 4, label: str | None = None,
-               model_hook=None) -> ParityReport:
-    """grok_torch vs the JAX/haiku reference on a seeded random checkpoint of `config`.
+               model_hook=None, params=None, model: Grok | None = None) -> ParityReport:
+    """grok_torch vs the JAX/haiku reference on the same weights.
 
-    `model_hook(model)`, if given, may alter the torch model before the comparison (used to check
-    that injected bugs are caught).
+    The weights are `params` (a haiku tree {module: {param: array | QuantizedWeight8bit}}, e.g. a raw
+    checkpoint read back) or, by default, a seeded random checkpoint of `config`. The torch side is
+    `model` (e.g. loaded from a conversion of those weights) or, by default, a model built directly
+    from `params`. `model_hook(model)`, if given, may alter the torch model before the comparison
+    (used to check that injected bugs are caught).
     """
     from convert.state_dict import haiku_tree_to_state_dict
     from parity.init import init_params
@@ -188,13 +191,17 @@ def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quanti
 
     timings = {}
     start = time.perf_counter()
-    params = init_params(config, seed=seed, quantize_attention=quantize_attention, quantize_moe=quantize_moe)
+    if params is None:
+        params = init_params(config, seed=seed, quantize_attention=quantize_attention, quantize_moe=quantize_moe)
     tokens = parity_tokens(config, seed=seed, batch=batch, seq_len=seq_len)
     timings["init_s"] = time.perf_counter() - start
     start = time.perf_counter()
     _, ref = reference_forward(params, tokens, config, fprop_dtype=dtype, capture=True)
     timings["reference_s"] = time.perf_counter() - start
-    model = build_model(haiku_tree_to_state_dict(params, config), config, dtype)
+    if model is None:
+        model = build_model(haiku_tree_to_state_dict(params, config), config, dtype)
+    elif model.config != config or model.dtype != COMPUTE_DTYPES[dtype]:
+        raise ValueError(f"the model given runs {model.config} in {model.dtype}, not {config} in {dtype}")
     if model_hook is not None:
         model_hook(model)
     start = time.perf_counter()

@@ -113,15 +113,39 @@ def test_bf16_equals_upstream_dequantization(converted, raw, config):
     assert grouped == 2 * config.num_layers  # attention `linear` and moe `linear_1` have G = 8
 
 
-def test_fp32_is_the_exact_product_and_rounds_to_bf16(converted, config):
+def test_fp32_holds_the_weights_upstream_computes_with(converted, raw, config):
+    """fp32 = bf16(int8 x scales) widened, except the MoE down projection: the exact product."""
     fp32, bf16 = _read_all(converted["fp32"]), _read_all(converted["bf16"])
+    exact_kept = 0
     for entry in checkpoint_layout(config):
         a, b = _as_numpy(fp32[entry.torch_name]), _as_numpy(bf16[entry.torch_name])
         assert a.dtype == np.float32
-        if entry.quantizable:
-            assert a.astype(BF16).tobytes() == b.tobytes()
-        else:
+        if not entry.quantizable:
             assert a.tobytes() == b.tobytes()
+            continue
+        value = raw[entry.haiku_module][entry.haiku_param]
+        *lead, k, n = value.weight.shape
+        groups = value.scales.shape[-2]
+        product = (value.weight.astype(np.float32).reshape(*lead, groups, k // groups, n)
+                   * value.scales.astype(np.float32)[..., :, None, :]).reshape(value.weight.shape)
+        product = np.ascontiguousarray(product.swapaxes(-1, -2))
+        if entry.haiku_module.endswith("moe/linear_1"):
+            assert a.tobytes() == product.tobytes(), entry.torch_name
+            exact_kept += int(not np.array_equal(product, product.astype(BF16).astype(np.float32)))
+        else:
+            assert a.tobytes() == product.astype(BF16).astype(np.float32).tobytes(), entry.torch_name
+        assert a.astype(BF16).tobytes() == b.tobytes(), entry.torch_name
+    assert exact_kept == config.num_layers  # the exact products really differ from their bf16 rounding
+
+
+def test_fp32_directory_equals_int8_directory_dequantized_by_the_loader(converted):
+    from grok_torch.load import load
+
+    from_fp32 = load(converted["fp32"], weights="fp32", dtype="fp32").state_dict()
+    from_int8 = load(converted["int8"], weights="fp32", dtype="fp32").state_dict()
+    assert from_fp32.keys() == from_int8.keys()
+    for name, tensor in from_fp32.items():
+        assert torch.equal(tensor, from_int8[name]), name
 
 
 def test_convert_param_names_dtypes_shapes(raw, config):
