@@ -228,14 +228,18 @@ def load_golden(golden_dir: str | Path) -> tuple[GrokConfig, dict[str, torch.Ten
     return config, state, ref["tokens"].astype(np.int64), ref
 
 
-def run_golden(golden_dir: str | Path, *, state: dict[str, torch.Tensor] | None = None,
+def run_golden(golden_dir: str | Path, *, state: dict[str, torch.Tensor] | None = None, model: Grok | None = None,
                model_hook=None) -> ParityReport:
     """grok_torch (bf16, upstream's precision) vs activations recorded from the upstream code.
 
-    `state` replaces the golden checkpoint's weights (e.g. the same checkpoint after a conversion).
+    `state` replaces the golden checkpoint's weights (e.g. the same checkpoint after a conversion);
+    `model` is a grok_torch model to check instead (e.g. loaded from a converted directory).
     """
     config, golden_state, tokens, ref = load_golden(golden_dir)
-    model = build_model(state if state is not None else golden_state, config, "bf16")
+    if model is None:
+        model = build_model(state if state is not None else golden_state, config, "bf16")
+    elif model.config != config or model.dtype != torch.bfloat16:
+        raise ValueError(f"the golden run needs {config} in bf16, not {model.config} in {model.dtype}")
     if model_hook is not None:
         model_hook(model)
     runs = compare_model(model, tokens, ref, "bf16")
