@@ -1,8 +1,10 @@
 """Click commands of the converter: convert, inspect, verify, export-upstream.
 
 They are registered on the `grok-torch` group (grok_torch/cli.py). Errors a user can cause (a bad
-checkpoint, an existing destination, a bad option value) print `error: ...` on stderr, without a
-traceback, and exit with status 1; `verify` exits with 1 when a tensor differs.
+checkpoint, an existing destination, a bad option value, a full disk) print one line `error: ...` on
+stderr, without a traceback unless `grok-torch --debug` (or GROK_TORCH_DEBUG=1), and exit with a
+documented status (EXIT_CODES_HELP): 1 for a bad input or destination, 3 when verify finds a mismatch,
+4 when the disk is too small or fills up, 130 when interrupted (Ctrl-C, or SIGTERM during convert).
 
 Config selection (convert, verify): `--config` takes a preset name or a JSON file (upstream field
 names; extra keys ignored) or a converted directory. Without it, a `config.json` in SRC (or beside
@@ -11,8 +13,12 @@ SRC when SRC is the ckpt-0 directory itself) is used if present, else the `grok-
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
+import signal
+import traceback
 from pathlib import Path
 
 import click
@@ -21,26 +27,98 @@ from grok_torch.config import GrokConfig
 
 DEFAULT_CONFIG = "grok-1"
 
+EXIT_ERROR = 1  # a bad input, destination or option value; also an unexpected internal error
+EXIT_USAGE = 2  # click's usage errors: unknown option, missing argument, invalid choice
+EXIT_MISMATCH = 3  # verify: the two sides differ
+EXIT_NO_SPACE = 4  # convert: not enough free space up front, or the disk filled up while writing
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), or SIGTERM during convert
+EXIT_CODES_HELP = "\n".join([
+    "Exit codes:",
+    "  0    success",
+    f"  {EXIT_ERROR}    error: bad input, destination or option value, or an internal error",
+    f"       (one line `error: ...`; grok-torch --debug shows the traceback)",
+    f"  {EXIT_USAGE}    usage error (unknown option, missing argument, invalid choice)",
+    f"  {EXIT_MISMATCH}    verify found a mismatch",
+    f"  {EXIT_NO_SPACE}    not enough disk space (checked up front, or the disk filled up)",
+    f"  {EXIT_INTERRUPTED}  interrupted (Ctrl-C; SIGTERM during convert)",
+])
+
 
 class UserError(click.ClickException):
-    """Shown as `error: <message>` on stderr, exit status 1."""
+    """Shown as `error: <message>` on stderr, exit status `exit_code` (1 unless given)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class Interrupted(UserError):
+    """Shown as `interrupted...` (the message says what was kept), exit status 130."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_INTERRUPTED)
+
+    def show(self, file=None) -> None:
+        click.echo(self.format_message(), err=True)
+
+
+def debug_enabled() -> bool:
+    """`grok-torch --debug ...` or GROK_TORCH_DEBUG=1: show tracebacks with the error line."""
+    if os.environ.get("GROK_TORCH_DEBUG", "") not in ("", "0"):
+        return True
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
+
+
+def as_user_error(err: BaseException) -> UserError:
+    """The one-line CLI error for an exception a user can cause (with the traceback first under --debug)."""
+    from convert.converter import ConversionInterrupted, OutOfSpaceError
+
+    if debug_enabled():
+        traceback.print_exception(err)
+    if isinstance(err, ConversionInterrupted):
+        return Interrupted(str(err))
+    if isinstance(err, KeyboardInterrupt):
+        return Interrupted("interrupted")
+    if isinstance(err, OutOfSpaceError):
+        return UserError(str(err), EXIT_NO_SPACE)
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return UserError(message)
+
+
 def _user_errors(command):
-    """Turn the errors a user can trigger into `error: ...` lines instead of tracebacks."""
+    """Turn the errors a user can trigger into `error: ...` lines (exit codes above) instead of tracebacks."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, KeyError, OSError) as err:  # CheckpointError, DestinationError, ... are ValueErrors
-            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-            raise UserError(message) from err
+        except click.ClickException:
+            raise
+        except (ValueError, KeyError, OSError, KeyboardInterrupt) as err:  # CheckpointError, DestinationError, ...
+            raise as_user_error(err) from err
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """During a conversion, SIGTERM (kill, a batch system's time limit) cleans up as Ctrl-C does."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, AttributeError):  # not the main thread, or no SIGTERM here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _config_for(src: Path, option: str | None) -> GrokConfig:
@@ -76,23 +154,35 @@ _CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with u
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size, metavar="SIZE",
               help="Largest safetensors shard: 5GB, 500MB, 1GiB or plain bytes.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it is a previous conversion output.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted conversion: reuse the finished shards in .DST.partial after checking "
+                   "their recorded sizes and sha256 (the options must be the same).")
+@click.option("--no-space-check", "space_check", is_flag=True, flag_value=False, default=True,
+              help="Skip the up-front check that DST's file system has room for the output (for file systems "
+                   "that report free space wrongly).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
 @_user_errors
 def convert_cmd(src: Path, dst: Path, config_name: str | None, dtype: str, max_shard_size: int,
-                overwrite: bool, progress: bool | None) -> None:
+                overwrite: bool, resume: bool, space_check: bool, progress: bool | None) -> None:
     """Convert the official Grok-1 checkpoint SRC (a directory holding ckpt-0/, or ckpt-0 itself) into
     DST: sharded safetensors in grok_torch names and layout, plus config.json.
 
-    The whole checkpoint is validated first from pickle metadata (no pickle is ever executed); DST
-    appears only when the conversion is complete.
+    The whole checkpoint is validated first from pickle metadata (no pickle is ever executed), and the
+    free space on DST's file system is checked. The output is built in .DST.partial beside DST and
+    renamed to DST only when complete. Interrupted (Ctrl-C, SIGTERM, a crash), the finished shards stay
+    there: rerun with --resume to check and reuse them. On an error, or a full disk, the partial output
+    is removed. SRC is only ever read.
     """
     from convert.converter import convert_checkpoint
 
     config = _config_for(src, config_name)
-    result = convert_checkpoint(src, dst, config, dtype=dtype, max_shard_size=max_shard_size,
-                                overwrite=overwrite, progress=progress)
+    with _sigterm_as_interrupt():
+        result = convert_checkpoint(src, dst, config, dtype=dtype, max_shard_size=max_shard_size,
+                                    overwrite=overwrite, progress=progress, resume=resume, check_space=space_check,
+                                    log=lambda message: click.echo(message, err=True))
+    reused = f" ({result.reused_shards} reused after checking)" if result.reused_shards else ""
     click.echo(f"wrote {result.dst}: {result.tensors} tensors ({result.weight_format}), "
-               f"{result.total_bytes:,} bytes in {len(result.shards)} shard(s)")
+               f"{result.total_bytes:,} bytes in {len(result.shards)} shard(s){reused}")
 
 
 @click.command("inspect")
@@ -118,7 +208,7 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 def verify_cmd(src: Path, dst: Path, config_name: str | None) -> None:
     """Re-read SRC and DST and check every tensor bit for bit: a raw checkpoint against its conversion
     (int8 exact, bf16/fp32 by upstream's dequantization rule), or two raw checkpoints, or two converted
-    directories. Exit status 1 if anything differs."""
+    directories. Exit status 3 if anything differs."""
     from convert.converter import is_converted_dir
     from convert.verify import verify
 
@@ -128,7 +218,7 @@ def verify_cmd(src: Path, dst: Path, config_name: str | None) -> None:
     if mismatches:
         for line in mismatches:
             click.echo(line)
-        raise UserError(f"{len(mismatches)} mismatch(es) between {src} and {dst}")
+        raise UserError(f"{len(mismatches)} mismatch(es) between {src} and {dst}", EXIT_MISMATCH)
     click.echo(f"ok: every tensor of {dst} matches {src}")
 
 

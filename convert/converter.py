@@ -30,14 +30,21 @@ Each shard's `__metadata__` holds `format: "pt"` (what safetensors tooling expec
 `source` and `grok_torch_version`.
 
 `convert_checkpoint` validates the whole source from metadata first (nothing is written if any file is
-missing, extra, malformed, unsafe or of the wrong shape/dtype), then streams one parameter at a time into
-a partial directory beside the destination, renamed into place only when complete.
+missing, extra, malformed, unsafe or of the wrong shape/dtype), checks the free space, then streams one
+parameter at a time into `.<dst name>.partial` beside the destination, renamed into place only when
+complete. That directory's journal records each finished shard's size and sha256, so an interrupted run
+can be resumed (convert.resume); on an error or a full disk it is removed.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import itertools
 import json
 import os
+import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +55,14 @@ import numpy as np
 
 from convert.blocks import CHUNK_BYTES, block_indices, contiguous, nbytes_of
 from convert.layouts import dequantize_torch_layout, scales_to_torch
-from convert.output_dir import check_destination, staged_directory
+from convert.output_dir import check_destination
 from convert.param_names import ParamEntry
 from convert.quantized import QuantizedWeight8bit
 from convert.raw_checkpoint import (TensorFileInfo, numpy_dtype, read_tensor_file, resolve_ckpt_dir,
                                     validate_raw_checkpoint)
-from convert.safetensors_io import (DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SHARD_FILE_RE, TensorToWrite,
-                                    write_sharded_safetensors)
+from convert.resume import PartialOutput
+from convert.safetensors_io import (DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SHARD_FILE_RE, TensorToWrite, index_text,
+                                    plan_shard_files, shard_header, write_sharded_safetensors)
 
 if TYPE_CHECKING:
     from grok_torch.config import GrokConfig
@@ -196,6 +204,7 @@ class ConversionResult:
     shards: list[str]
     tensors: int
     total_bytes: int
+    reused_shards: int = 0  # finished shards of an interrupted run, checked and kept (resume)
 
 
 class _LastParam:
@@ -221,15 +230,84 @@ def progress_bar(total: int, desc: str, progress: bool | None):
                 file=sys.stderr, dynamic_ncols=True)
 
 
+class OutOfSpaceError(OSError):
+    """The destination's file system cannot hold the output: refused up front, or ENOSPC while writing."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a conversion, after the clean-up; the message says what was kept and how to resume."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "interrupted"
+
+
+def human_bytes(n: int) -> str:
+    """7353600 -> '7,353,600 bytes (7.4 MB)'."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n:,} bytes ({n / size:.1f} {unit})"
+    return f"{n:,} bytes"
+
+
+_TEST_STOP = "GROK_TORCH_TEST_STOP_AT"
+
+
+def _test_stop(event: str) -> None:
+    """Test hook only: with GROK_TORCH_TEST_STOP_AT=<event> in the environment ("tensor:N": before the N-th
+    tensor written in this run; "shard:N": after the N-th shard finished in this run; "install": before the
+    rename into place), announce it on stderr and stop the process (SIGSTOP) there, so a test can kill it
+    (SIGKILL) or interrupt it (SIGINT, then SIGCONT) at exactly that point."""
+    if os.environ.get(_TEST_STOP) == event and hasattr(signal, "SIGSTOP"):
+        sys.stderr.write(f"{_TEST_STOP}: stopped at {event}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _source_fingerprint(pairs: list) -> list[list]:
+    """Name, size and modification time of every source file: a resumed run must read the same input."""
+    fingerprint = []
+    for _, info in pairs:
+        stat = os.stat(info.path)
+        fingerprint.append([info.path.name, stat.st_size, stat.st_mtime_ns])
+    return fingerprint
+
+
+def _space_needed(partial: PartialOutput, files: list, extra_texts: list[str]) -> int:
+    """Bytes the rest of the conversion will occupy: the shards not reused, index, config and journal, each
+    rounded up to whole blocks of the file system."""
+    try:
+        block = max(1, os.statvfs(partial.path).f_frsize)
+    except (AttributeError, OSError):
+        block = 4096
+    sizes = [size for name, size, _ in files if not partial.reusable(name, size)]
+    sizes += [len(text.encode()) for text in extra_texts] + [64 << 10]  # the journal, generously
+    return sum(-(-size // block) * block for size in sizes)
+
+
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "GrokConfig", dtype: str = "int8",
                        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-                       progress: bool | None = None, chunk_bytes: int = CHUNK_BYTES) -> ConversionResult:
+                       progress: bool | None = None, chunk_bytes: int = CHUNK_BYTES, *, resume: bool = False,
+                       check_space: bool = True, log: Callable[[str], None] | None = None) -> ConversionResult:
     """Raw checkpoint `src` (a directory holding ckpt-0/, or ckpt-0) -> converted directory `dst`.
 
-    Raises CheckpointError (source), DestinationError (dst exists / overlaps src) or ValueError (arguments)
-    before writing anything; on a failure while writing, nothing is left at `dst`.
+    Raises CheckpointError (source), DestinationError (dst exists / overlaps src, or an interrupted run's
+    partial output is there and `resume` is False) or ValueError (arguments) before writing anything, and
+    OutOfSpaceError when the file system of `dst` has less free space than the output needs (unless
+    `check_space` is False). The output is built in `.<dst name>.partial` beside `dst` (convert.resume) and
+    renamed to `dst` when complete. On an error while writing (OutOfSpaceError for ENOSPC) the partial
+    directory is removed; on Ctrl-C its finished shards are kept and ConversionInterrupted says so; with
+    `resume`, the finished shards of an interrupted run are checked (size, sha256) and reused. `log` gets
+    one-line notes (resuming, nothing to resume).
     """
     weight_format = check_weight_format(dtype)
+    log = log or (lambda message: None)
     ckpt_dir = resolve_ckpt_dir(src)
     dst = check_destination(dst, ckpt_dir, overwrite=overwrite, replaceable=_replaceable_output, what="convert")
     pairs = validate_raw_checkpoint(ckpt_dir, config)
@@ -237,17 +315,77 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
     cache = _LastParam()
     outputs: list[tuple[OutputTensor, TensorFileInfo]] = [
         (out, info) for entry, info in pairs for out in plan_from_info(entry, info, weight_format)]
+    started = itertools.count(1)
 
     def chunks_of(out: OutputTensor, info: TensorFileInfo) -> Callable[[], Iterator[np.ndarray]]:
-        return lambda: out.chunks(cache.get(info), chunk_bytes)
+        def chunks() -> Iterator[np.ndarray]:
+            if _TEST_STOP in os.environ:
+                _test_stop(f"tensor:{next(started)}")
+            return out.chunks(cache.get(info), chunk_bytes)
+
+        return chunks
 
     tensors = [TensorToWrite(out.name, out.dtype, out.shape, chunks_of(out, info)) for out, info in outputs]
     total = sum(t.nbytes for t in tensors)
     metadata = {"format": "pt", "weight_format": weight_format, "source": source,
                 "grok_torch_version": grok_torch_version()}
-    with staged_directory(dst) as partial, progress_bar(total, f"convert ({weight_format})", progress) as bar:
-        shards = write_sharded_safetensors(partial, tensors, max_shard_size=max_shard_size, metadata=metadata,
-                                           index_metadata={"weight_format": weight_format}, on_bytes=bar.update)
-        config_values = converted_config(config, weight_format, source, [out for out, _ in outputs])
-        (partial / CONFIG_FILE).write_text(json.dumps(config_values, indent=2) + "\n")
-    return ConversionResult(dst, weight_format, [p.name for p in shards], len(tensors), total)
+    index_metadata = {"weight_format": weight_format}
+    files = plan_shard_files(tensors, max_shard_size, metadata)
+    config_text = json.dumps(converted_config(config, weight_format, source, [out for out, _ in outputs]),
+                             indent=2) + "\n"
+    options = {"source": source, "source_files": _source_fingerprint(pairs), "weight_format": weight_format,
+               "max_shard_size": max_shard_size, "grok_config": config.to_dict(),
+               "grok_torch_version": grok_torch_version(), "shards": [[name, size] for name, size, _ in files],
+               "plan_sha256": hashlib.sha256(b"".join(shard_header(shard, metadata) for _, _, shard in files)
+                                             ).hexdigest()}
+    written = itertools.count(1)
+
+    with PartialOutput(dst, options, resume=resume, log=log) as partial:
+        needed = _space_needed(partial, files, [index_text(files, index_metadata), config_text])
+        free = shutil.disk_usage(partial.path).free
+        if check_space and needed > free:
+            kept = "" if partial.created else f"; {partial.path} is kept for --resume"
+            if partial.created:
+                partial.discard()
+            raise OutOfSpaceError(f"not enough free space on {dst.parent}: the conversion needs "
+                                  f"{human_bytes(needed)}, {human_bytes(free)} are free{kept}; free some space or "
+                                  f"choose another DST (--no-space-check skips this check)")
+        reused = sum(1 for name, size, _ in files if partial.reusable(name, size))
+
+        def on_shard(path: Path, size: int, sha256: str) -> None:
+            partial.record(path, size, sha256)
+            if _TEST_STOP in os.environ:
+                _test_stop(f"shard:{next(written)}")
+
+        try:
+            with progress_bar(total, f"convert ({weight_format})", progress) as bar:
+                shards = write_sharded_safetensors(partial.path, tensors, max_shard_size=max_shard_size,
+                                                   metadata=metadata, index_metadata=index_metadata,
+                                                   on_bytes=bar.update, reuse_shard=partial.reuse, on_shard=on_shard)
+                (partial.path / CONFIG_FILE).write_text(config_text)
+            _test_stop("install")
+            partial.finish()
+        except KeyboardInterrupt:
+            if not partial.path.exists() and dst.exists():
+                raise  # interrupted after the rename: the output is complete
+            shards_kept, bytes_kept = partial.keep_finished()
+            if shards_kept:
+                message = (f"interrupted: kept {shards_kept} finished shard(s), {human_bytes(bytes_kept)}, in "
+                           f"{partial.path}; rerun the same command with --resume to check and reuse them")
+            else:
+                message = f"interrupted before any shard was finished: removed {partial.path}"
+            raise ConversionInterrupted(message) from None
+        except OSError as err:
+            partial.discard()
+            if err.errno in _NO_SPACE:
+                raise OutOfSpaceError(f"out of disk space on {dst.parent}: the conversion needs "
+                                      f"{human_bytes(needed)}, {human_bytes(free)} were free when it started; "
+                                      f"removed the partial output {partial.path}") from err
+            raise
+        except BaseException:
+            partial.discard()
+            raise
+    return ConversionResult(dst, weight_format, [p.name for p in shards], len(tensors), total, reused)
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}

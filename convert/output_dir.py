@@ -63,6 +63,12 @@ def _umask() -> int:
     return mask
 
 
+def install_directory(partial: Path, dst: Path) -> None:
+    """Rename the complete directory `partial` to `dst`; an existing `dst` is moved aside first and removed
+    only after the rename (put back if the rename fails)."""
+    _install(partial, dst)
+
+
 def _install(partial: Path, dst: Path) -> None:
     if not (dst.exists() or dst.is_symlink()):
         os.rename(partial, dst)

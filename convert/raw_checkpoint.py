@@ -11,7 +11,8 @@ machine that only builds inert descriptions (`_Global`, `_Call`, `_Payload`, tup
   `<any module>.QuantizedWeight8bit`, and - for protocol 5 pickles of arrays -
   `numpy.core.numeric._frombuffer` (also `numpy._core...`),
 - a dtype allowlist (bool, (u)int8..64, float16/32/64, bfloat16; never object dtype 'O'),
-- every length prefix checked against the bytes left in the file.
+- every length prefix checked against the bytes left in the file, shapes bounded (at most 32 dimensions,
+  2**48 elements) before anything is allocated, and only regular files opened (never a FIFO or device).
 
 Array payloads are never read while scanning: their (offset, length) is recorded and skipped, so a
 scan reads only the few hundred bytes of pickle structure. `read_tensor_file` then reads each payload
@@ -27,6 +28,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import reprlib
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +135,8 @@ _MAX_STRING = 1 << 16  # no string in a checkpoint pickle is longer than a modul
 _MAX_MEMO = 1 << 16
 _MAX_STACK = 1 << 12
 _MAX_OPCODES = 1 << 16  # a checkpoint pickle has about a hundred; this bounds work and memory on hostile input
+_MAX_DIMS = 32
+_MAX_ELEMENTS = 1 << 48
 
 
 @dataclass(frozen=True)
@@ -465,7 +470,7 @@ class _Machine:
         if not isinstance(cls, _Global) or cls.role != "quantized":
             raise _Malformed(f"NEWOBJ creates {_label(cls)}; only QuantizedWeight8bit may be created")
         if args != ():
-            raise _Malformed(f"NEWOBJ of {cls} with arguments {args!r}; expected none")
+            raise _Malformed(f"NEWOBJ of {cls} with arguments {_brief(args)}; expected none")
         self.push(_Call(cls, args, "newobj"))
 
     def _build(self) -> None:
@@ -506,6 +511,15 @@ def _opcode_label(op: int) -> str:
     return known.get(op, "not a pickle opcode")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 3, 9, 60, 60
+
+
+def _brief(value: object) -> str:
+    """A short repr for error messages: hostile input can nest tuples thousands deep (plain repr recurses)."""
+    return _REPR.repr(value)
+
+
 def _label(node: object) -> str:
     if isinstance(node, _Global):
         return f"'{node}'"
@@ -522,7 +536,11 @@ def _is_int(value: object) -> bool:
 
 def _shape(value: object, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple) or not all(_is_int(d) and d >= 0 for d in value):
-        raise _Malformed(f"{what}: shape {value!r} is not a tuple of non-negative ints")
+        raise _Malformed(f"{what}: shape {_brief(value)} is not a tuple of non-negative ints")
+    if len(value) > _MAX_DIMS:
+        raise _Malformed(f"{what}: shape with {len(value)} dimensions (at most {_MAX_DIMS} expected)")
+    if math.prod(d for d in value if d) > _MAX_ELEMENTS:  # zero-size arrays too: numpy cannot shape them
+        raise _Malformed(f"{what}: shape {_brief(value)} is implausibly large (more than 2**48 elements)")
     return value
 
 
@@ -531,7 +549,7 @@ def _describe_dtype(node: object, what: str) -> str:
     if not (isinstance(node, _Call) and node.func.role == "dtype"):
         raise _Malformed(f"{what}: dtype is {_label(node)}; expected numpy.dtype(...)")
     if len(node.args) != 3 or node.args[1:] != (False, True):
-        raise _Malformed(f"{what}: numpy.dtype arguments {node.args!r}; expected (code, False, True)")
+        raise _Malformed(f"{what}: numpy.dtype arguments {_brief(node.args)}; expected (code, False, True)")
     code = node.args[0]
     if isinstance(code, _Global) and code.role == "bfloat16":
         name, itemsize = "bfloat16", 2
@@ -541,18 +559,18 @@ def _describe_dtype(node: object, what: str) -> str:
     elif isinstance(code, str) and code.lstrip("<>|=").startswith("O"):
         raise _Malformed(f"{what}: object dtype '{code}' is not allowed; expected a numeric dtype")
     else:
-        raise _Malformed(f"{what}: dtype {code!r} is not allowed; expected one of "
+        raise _Malformed(f"{what}: dtype {_brief(code)} is not allowed; expected one of "
                          f"{', '.join(_DTYPE_CODES)} or ml_dtypes.bfloat16")
     state = node.state
     if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)):
-        raise _Malformed(f"{what}: dtype state {state!r}; expected numpy's (3, byteorder, None, ...) tuple")
+        raise _Malformed(f"{what}: dtype state {_brief(state)}; expected numpy's (3, byteorder, None, ...) tuple")
     byteorder, subarray, names, fields, elsize, alignment, flags = state[1:8]
     if byteorder not in ("<", "|"):
-        raise _Malformed(f"{what}: byte order {byteorder!r}; expected little-endian '<' (or '|')")
+        raise _Malformed(f"{what}: byte order {_brief(byteorder)}; expected little-endian '<' (or '|')")
     if (subarray, names, fields) != (None, None, None) or (len(state) == 9 and state[8] is not None):
         raise _Malformed(f"{what}: a structured/subarray dtype; expected a plain numeric dtype")
     if elsize not in (-1, itemsize) or not _is_int(alignment) or not _is_int(flags):
-        raise _Malformed(f"{what}: dtype state {state!r} does not describe {name}")
+        raise _Malformed(f"{what}: dtype state {_brief(state)} does not describe {name}")
     return name
 
 
@@ -569,13 +587,13 @@ def _describe_array(node: object, what: str) -> ArrayInfo:
             raise _Malformed(f"{what}: array state is not numpy's (1, shape, dtype, fortran, data) tuple")
         _, shape, dtype, fortran, data = state
         if not isinstance(fortran, bool):
-            raise _Malformed(f"{what}: fortran flag {fortran!r} is not a bool")
+            raise _Malformed(f"{what}: fortran flag {_brief(fortran)} is not a bool")
     elif isinstance(node, _Call) and node.func.role == "frombuffer":
         if len(node.args) != 4 or node.built:
             raise _Malformed(f"{what}: _frombuffer arguments are not (data, dtype, shape, order)")
         data, dtype, shape, order = node.args
         if order not in ("C", "F"):
-            raise _Malformed(f"{what}: array order {order!r}; expected 'C' or 'F'")
+            raise _Malformed(f"{what}: array order {_brief(order)}; expected 'C' or 'F'")
         fortran = order == "F"
     else:
         raise _Malformed(f"{what} is {_label(node)}; expected a numpy array")
@@ -604,12 +622,29 @@ def _describe_root(root: object) -> tuple[str, ArrayInfo, ArrayInfo | None, str 
     return "array", _describe_array(root, "the pickled object"), None, None
 
 
+def _open_input(path: Path):
+    """Open a checkpoint file read-only, unbuffered. Only a regular file (or a link to one) is accepted: opening
+    a FIFO would block forever, and a device such as /dev/zero never ends. O_NONBLOCK makes the open of a FIFO
+    return at once (it changes nothing for regular files); the file is checked before anything is read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"{path}: not a regular file; expected a pickled numpy array or "
+                                  f"QuantizedWeight8bit")
+        return open(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def scan_tensor_file(path: str | os.PathLike) -> TensorFileInfo:
     """Metadata of one raw-checkpoint file (kind, dtypes, shapes, payload offsets), reading only the pickle
     structure. Raises CheckpointError naming the file for anything unsafe, malformed or truncated."""
     path = Path(path)
     try:
-        with open(path, "rb", buffering=0) as f:
+        with _open_input(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise CheckpointError(f"{path}: empty file; expected a pickled numpy array or QuantizedWeight8bit")
@@ -649,7 +684,7 @@ def read_tensor_file(path: str | os.PathLike,
     """One raw-checkpoint file -> numpy array, or QuantizedWeight8bit(int8 weight, bf16 scales)."""
     info = info or scan_tensor_file(path)
     try:
-        with open(info.path, "rb", buffering=0) as f:
+        with _open_input(info.path) as f:
             array = _read_array(f, info.array, info.path)
             if info.quantized:
                 return QuantizedWeight8bit(weight=array, scales=_read_array(f, info.scales, info.path))

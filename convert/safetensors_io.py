@@ -13,11 +13,13 @@ the same way for N = 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -130,29 +132,84 @@ def write_tensor_data(file, tensor: TensorToWrite, on_bytes: Callable[[int], Non
                          f"{tensor.dtype}{list(tensor.shape)}")
 
 
+def plan_shard_files(tensors: list[TensorToWrite], max_shard_size: int,
+                     metadata: dict[str, str] | None = None) -> list[tuple[str, int, list[TensorToWrite]]]:
+    """(file name, file size in bytes, tensors) of every shard, from shapes and dtypes alone."""
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    shards = plan_shards(tensors, max_shard_size)
+    return [(SHARD_FILE.format(index=number, count=len(shards)),
+             len(shard_header(shard, metadata)) + sum(t.nbytes for t in shard), shard)
+            for number, shard in enumerate(shards, start=1)]
+
+
+def index_text(files: list[tuple[str, int, list[TensorToWrite]]], index_metadata: dict[str, object] | None = None) -> str:
+    """The `model.safetensors.index.json` of the shards `files` (as `plan_shard_files` gives them)."""
+    weight_map = {tensor.name: name for name, _, shard in files for tensor in shard}
+    total = sum(tensor.nbytes for _, _, shard in files for tensor in shard)
+    index = {"metadata": {"total_size": total, **(index_metadata or {})}, "weight_map": weight_map}
+    return json.dumps(index, indent=2) + "\n"
+
+
+class _HashingWriter:
+    """Wraps a binary file: sha256 of everything written. A large write is hashed on a helper thread while the
+    same bytes are written (both release the GIL), so the checksum costs little time; each write returns only
+    when both are done, so the caller may reuse its buffer."""
+
+    def __init__(self, file, pool) -> None:
+        self.file, self.pool = file, pool
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        if len(data) < 1 << 20:
+            self.sha.update(data)
+            return self.file.write(data)
+        hashed = self.pool.submit(self.sha.update, data)
+        try:
+            return self.file.write(data)
+        finally:
+            hashed.result()
+
+
 def write_sharded_safetensors(out_dir: str | os.PathLike, tensors: list[TensorToWrite], *,
                               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, metadata: dict[str, str] | None = None,
                               index_metadata: dict[str, object] | None = None,
-                              on_bytes: Callable[[int], None] | None = None) -> list[Path]:
-    """Write `tensors` as shards + index into the existing directory `out_dir`; returns the shard paths."""
+                              on_bytes: Callable[[int], None] | None = None,
+                              reuse_shard: Callable[[Path, int], bool] | None = None,
+                              on_shard: Callable[[Path, int, str], None] | None = None) -> list[Path]:
+    """Write `tensors` as shards + index into the existing directory `out_dir`; returns the shard paths.
+
+    `reuse_shard(path, size)`, if given, is asked before each shard: True keeps the file already there (a
+    finished shard of an interrupted run, checked by the caller) instead of writing it. `on_shard(path, size,
+    sha256)`, if given, is called after each shard is written, flushed to disk (fsync) and closed, with the
+    size and sha256 of the bytes as they were written."""
     out_dir = Path(out_dir)
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
-    shards = plan_shards(tensors, max_shard_size)
-    paths, weight_map = [], {}
-    for number, shard in enumerate(shards, start=1):
-        path = out_dir / SHARD_FILE.format(index=number, count=len(shards))
-        with open(path, "xb") as file:
-            file.write(shard_header(shard, metadata))
-            for tensor in shard:
-                write_tensor_data(file, tensor, on_bytes)
-                weight_map[tensor.name] = path.name
-        paths.append(path)
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors), **(index_metadata or {})},
-             "weight_map": weight_map}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    files = plan_shard_files(tensors, max_shard_size, metadata)
+    paths = []
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
+        for name, size, shard in files:
+            path = out_dir / name
+            paths.append(path)
+            if reuse_shard is not None and reuse_shard(path, size):
+                if on_bytes:
+                    on_bytes(sum(t.nbytes for t in shard))
+                continue
+            with open(path, "xb") as raw:
+                file = _HashingWriter(raw, pool) if on_shard else raw
+                file.write(shard_header(shard, metadata))
+                for tensor in shard:
+                    write_tensor_data(file, tensor, on_bytes)
+                if on_shard:
+                    raw.flush()
+                    os.fsync(raw.fileno())
+            if on_shard:
+                on_shard(path, file.size, file.sha.hexdigest())
+    (out_dir / INDEX_FILE).write_text(index_text(files, index_metadata))
     return paths
 
 

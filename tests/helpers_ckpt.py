@@ -91,3 +91,18 @@ class PopenCall:
         import subprocess
 
         return subprocess.Popen, (self.argv,)
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path (to show that inputs are never modified)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def copy_golden_with_config(dst_dir: Path) -> Path:
+    """copy_golden plus the golden config.json beside ckpt-0 (so the CLI picks it up); returns dst_dir."""
+    copy_golden(dst_dir)
+    shutil.copyfile(GOLDEN_DIR / "config.json", Path(dst_dir) / "config.json")
+    return Path(dst_dir)

@@ -28,8 +28,8 @@ def run(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
+def assert_user_error(result, *fragments: str, exit_code: int = 1) -> None:
+    assert result.exit_code == exit_code, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.output
     for fragment in fragments:
@@ -97,11 +97,11 @@ def test_bad_options_are_usage_errors(tmp_path):
     assert_user_error(run("inspect", tmp_path / "nothing"), "no such directory")
 
 
-def test_verify_mismatch_exits_1(tmp_path):
+def test_verify_mismatch_exits_3(tmp_path):
     run("convert", GOLDEN_DIR, tmp_path / "a", "--dtype", "bf16")
     run("convert", GOLDEN_DIR, tmp_path / "b", "--dtype", "fp32")
     result = run("verify", tmp_path / "a", tmp_path / "b")
-    assert_user_error(result, "mismatch(es)")
+    assert_user_error(result, "mismatch(es)", exit_code=3)
     assert "tensor layers.0.attn.k_proj.weight: float32[128, 64], expected bfloat16[128, 64]" in result.stdout
 
 
@@ -117,3 +117,47 @@ def test_progress_bar_only_when_asked_in_a_pipe(tmp_path):
     assert quiet.exit_code == 0 and "convert (int8)" not in quiet.stderr
     shown = run("convert", GOLDEN_DIR, tmp_path / "b", "--config", CONFIG, "--progress")
     assert shown.exit_code == 0 and "convert (int8): 100%" in shown.stderr and "7.01M/7.01M" in shown.stderr
+
+
+# ---- the grok-torch group: --debug, unexpected errors, documented exit codes --------------------------------------
+
+def test_debug_shows_the_traceback_and_keeps_the_error_line(tmp_path):
+    from grok_torch.cli import main
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    plain = CliRunner().invoke(main, ["convert", str(GOLDEN_DIR), str(tmp_path / "out")])
+    debug = CliRunner().invoke(main, ["--debug", "convert", str(GOLDEN_DIR), str(tmp_path / "out")])
+    assert plain.exit_code == debug.exit_code == 1
+    assert "Traceback" not in plain.output and len(plain.stderr.splitlines()) == 2  # "using config", "error: ..."
+    assert "Traceback (most recent call last)" in debug.stderr and "DestinationError" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1] == (
+        f"error: {tmp_path / 'out'} already exists; use --overwrite (overwrite=True) to replace it")
+
+
+def test_an_unexpected_error_is_one_line_too(tmp_path, monkeypatch):
+    import convert.converter
+    from grok_torch.cli import main
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(convert.converter, "convert_checkpoint", broken)
+    result = CliRunner().invoke(main, ["convert", str(GOLDEN_DIR), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1] == "error: unexpected TypeError: a bug (rerun with --debug for the traceback)"
+    result = CliRunner(env={"GROK_TORCH_DEBUG": "1"}).invoke(main, ["convert", str(GOLDEN_DIR), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+
+
+def test_exit_codes_are_documented():
+    from convert.cli import EXIT_CODES_HELP
+    from grok_torch.cli import main
+
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0 and "--debug" in result.output
+    for line in EXIT_CODES_HELP.splitlines():
+        assert line.strip() in result.output
+    readme = (GOLDEN_DIR.parents[2] / "README.md").read_text()
+    for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 130 |"):
+        assert code in readme
