@@ -22,6 +22,8 @@ from pathlib import Path
 
 import click
 
+from convert.cli import UserError
+
 DEFAULT_PROMPT = "The answer to life, the universe and everything is"
 TOKENIZER_ENV = "GROK_TOKENIZER"
 # Where the development checkout keeps the release's tokenizer (never committed to this repo).
@@ -104,7 +106,7 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
     with steps.step("verify every converted tensor against the pickles"):
         mismatches = verify(raw_dir, converted_dir)
         if mismatches:
-            raise click.ClickException("verify failed: " + "; ".join(mismatches[:3]))
+            raise UserError("verify failed: " + "; ".join(mismatches[:3]))
         echo("      every tensor bit-exact")
     with steps.step("load in grok_torch (meta device, memory-mapped, int8 kept)"):
         model = grok_torch.load(converted_dir, weights="int8", dtype="fp32")
@@ -180,7 +182,7 @@ def demo_cmd(config_name: str, tokenizer: Path | None, prompt: str, max_new_toke
     try:
         if workdir is not None:
             if workdir.exists():
-                raise click.ClickException(f"--workdir {workdir} already exists; give a new path")
+                raise UserError(f"--workdir {workdir} already exists; give a new path")
             passed = run_demo(workdir, config_name=config_name, tokenizer=tokenizer, prompt=prompt,
                               max_new_tokens=max_new_tokens, seed=seed)
         else:
@@ -188,6 +190,6 @@ def demo_cmd(config_name: str, tokenizer: Path | None, prompt: str, max_new_toke
                 passed = run_demo(Path(tmp) / "demo", config_name=config_name, tokenizer=tokenizer, prompt=prompt,
                                   max_new_tokens=max_new_tokens, seed=seed)
     except ValueError as err:  # a bad --config, tokenizer or vocab mismatch
-        raise click.ClickException(str(err)) from None
+        raise UserError(str(err)) from None
     if not passed:
         raise SystemExit(1)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from convert.cli import UserError
+
 DEFAULT_TOKENIZER = "tokenizer.model"
 
 
@@ -41,17 +43,17 @@ def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
     from grok_torch.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
     if not path.is_dir():
-        raise click.ClickException(f"{path}: not a directory (expected a converted grok-torch directory)")
+        raise UserError(f"{path}: not a directory (expected a converted grok-torch directory)")
     try:
         tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else path / DEFAULT_TOKENIZER)
     except TokenizerError as err:
         hint = "" if tokenizer_path is not None else " (pass --tokenizer FILE: the release's tokenizer.model)"
-        raise click.ClickException(f"{err}{hint}") from None
+        raise UserError(f"{err}{hint}") from None
     try:
         model = grok_torch.load(path, weights=weights, dtype=dtype)
         tokenizer.check_model_vocab(model.config.vocab_size)
     except (ValueError, OSError) as err:  # LoadError, TokenizerError, a bad config.json
-        raise click.ClickException(str(err)) from None
+        raise UserError(str(err)) from None
 
     encoded = [tokenizer.encode(text) for text in prompts]
     with warnings.catch_warnings(record=True) as caught:
@@ -60,7 +62,7 @@ def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
             fitted = fit_prompts(encoded, max_new_tokens, model.config.sequence_len, model.config.vocab_size,
                                  truncate)
         except GenerationError as err:
-            raise click.ClickException(str(err)) from None
+            raise UserError(str(err)) from None
     for warning in caught:
         click.echo(f"Warning: {warning.message}", err=True)
 
@@ -84,5 +86,5 @@ def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
         result = generate(model, fitted, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, on_token=on_token, on_finish=on_finish)
     except GenerationError as err:
-        raise click.ClickException(str(err)) from None
+        raise UserError(str(err)) from None
     click.echo(result.stats.summary())

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from convert.cli import UserError
+
 
 @click.command("parity")
 @click.option("--config", "config_name", default="tiny", show_default=True,
@@ -44,7 +46,7 @@ def parity_cmd(config_name, dtype, seed, seq_len, quantize_attention, quantize_m
             report = run_parity(config, dtype=dtype, seed=seed, seq_len=seq_len,
                                 quantize_attention=quantize_attention, quantize_moe=quantize_moe)
     except (ValueError, KeyError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
+        raise UserError(str(err)) from err
     click.echo(format_report(report))
     if json_path:
         write_json(report, json_path)

@@ -269,7 +269,7 @@ def test_cli_truncates_with_a_warning(converted):
             "--max-new-tokens", "4", "--temperature", "0", "--dtype", "fp32"]
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 1
-    assert refused.output.startswith("Error: prompt 0 has 60 tokens") and refused.output.count("\n") == 1
+    assert refused.output.startswith("error: prompt 0 has 60 tokens") and refused.output.count("\n") == 1
     truncated = CliRunner().invoke(main, args + ["--truncate"])
     assert truncated.exit_code == 0, truncated.output
     assert "Warning: prompt 0 has 60 tokens; with max_new_tokens=4 the model's sequence_len=48 allows at most 44: " \
@@ -280,7 +280,7 @@ def test_cli_truncates_with_a_warning(converted):
 def error_line(args):
     result = CliRunner().invoke(main, ["generate", *args])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
     assert "Traceback" not in result.output
     return result.output
 
