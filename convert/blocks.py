@@ -8,6 +8,7 @@ bytes. Transposed views (`w.swapaxes(-1, -2)`) are blocked the same way: only ea
 from __future__ import annotations
 
 import math
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -30,6 +31,8 @@ def block_indices(shape: tuple[int, ...], itemsize: int, chunk_bytes: int = CHUN
         return
     *lead, rows, cols = shape
     step = max(1, chunk_bytes // max(1, cols * itemsize))
+    if step >= 64:
+        step -= step % 8  # blocks start on whole 8-row groups: aligned words for a transposed source
     for lead_index in np.ndindex(*lead):
         for start in range(0, rows, step):
             yield (*lead_index, slice(start, min(start + step, rows)))
@@ -39,20 +42,142 @@ TILE = 128
 
 
 def contiguous(array: np.ndarray) -> np.ndarray:
-    """`array` as a C-contiguous array: itself if it already is; a transposed view is copied tile by tile
-    (TILE x TILE over the last two axes), about twice as fast as numpy's plain strided copy."""
+    """`array` as a C-contiguous array: itself if it already is. A transposed view (the last two axes
+    swapped) of 1-, 2- or 4-byte elements is transposed in 8-byte words (`_transpose_words`; int8 on the
+    2-core benchmark machine: 0.2 GB/s in tiles, 0.55 GB/s in numpy words, 0.85 GB/s in torch words); what
+    does not fit whole words is copied tile by tile (TILE x TILE)."""
     if array.flags.c_contiguous:
         return array
     if array.ndim < 2 or array.strides[-1] == array.dtype.itemsize:
         return np.ascontiguousarray(array)
     out = np.empty(array.shape, dtype=array.dtype)
     rows, cols = array.shape[-2:]
+    n = 8 // array.dtype.itemsize if array.dtype.itemsize in _WORD_SWAPS else 0
+    fast = (n and array.strides[-2] == array.dtype.itemsize and rows >= n and cols >= n
+            and sys.byteorder == "little")  # the word shifts assume element k at bits k * 8 * itemsize
     for lead in np.ndindex(*array.shape[:-2]):
         source, target = array[lead], out[lead]
-        for r in range(0, rows, TILE):
-            for c in range(0, cols, TILE):
-                target[r:r + TILE, c:c + TILE] = source[r:r + TILE, c:c + TILE]
+        done_rows, done_cols = 0, 0
+        if fast:
+            done_rows, done_cols = rows - rows % n, cols - cols % n
+            _transpose_words(source[:done_rows, :done_cols].swapaxes(0, 1), target[:done_rows, :done_cols])
+        _copy_tiles(source[done_rows:], target[done_rows:])  # the strips left over
+        _copy_tiles(source[:done_rows, done_cols:], target[:done_rows, done_cols:])
     return out
+
+
+def _copy_tiles(source: np.ndarray, target: np.ndarray) -> None:
+    rows, cols = source.shape
+    for r in range(0, rows, TILE):
+        for c in range(0, cols, TILE):
+            target[r:r + TILE, c:c + TILE] = source[r:r + TILE, c:c + TILE]
+
+
+# In-register transposes of an n x n block of elements held as n 64-bit words (word k = row k): swap
+# the off-diagonal half-blocks, then quarter-blocks, ... (shift in bits, mask of the kept low parts,
+# word pairs). n = 8 for 1-byte elements, 4 for 2-byte, 2 for 4-byte.
+_SWAP_32 = (32, 0x00000000FFFFFFFF)
+_SWAP_16 = (16, 0x0000FFFF0000FFFF)
+_SWAP_8 = (8, 0x00FF00FF00FF00FF)
+_WORD_SWAPS = {
+    1: ((*_SWAP_32, ((0, 4), (1, 5), (2, 6), (3, 7))), (*_SWAP_16, ((0, 2), (1, 3), (4, 6), (5, 7))),
+        (*_SWAP_8, ((0, 1), (2, 3), (4, 5), (6, 7)))),
+    2: ((*_SWAP_32, ((0, 2), (1, 3))), (*_SWAP_16, ((0, 1), (2, 3)))),
+    4: ((*_SWAP_32, ((0, 1),)),),
+}
+_WORD_TILE = (256, 8192)  # words along a source row per tile, words per tile (the fastest measured in numpy)
+
+
+def _transpose_words(source: np.ndarray, target: np.ndarray) -> None:
+    """target[...] = source.T for 2D `source` [R, C] with contiguous rows and `target` [C, R] with
+    contiguous rows, R and C multiples of n = 8 // itemsize.
+
+    Both are viewed as 64-bit words, n elements each: source word [i, k, j] holds row n*i + k, columns
+    n*j .. n*j + n - 1. The n words of block (i, j) are transposed in place with shifts and masks, after
+    which word k holds column n*j + k, rows n*i .. n*i + n - 1: that is target word [j, k, i]. Work goes
+    tile by tile, so the n word planes of a tile stay in cache.
+    """
+    itemsize = source.dtype.itemsize
+    n = 8 // itemsize
+    rows, cols = source.shape
+    ni_total, nj_total = rows // n, cols // n
+    if ni_total == 0 or nj_total == 0:
+        return
+    words = _word_view(source, ni_total, n, nj_total)
+    out_words = _word_view(target, nj_total, n, ni_total)
+    if _transpose_words_torch(words, out_words, itemsize):
+        return
+    nj = min(nj_total, _WORD_TILE[0])
+    ni = max(1, min(ni_total, _WORD_TILE[1] // nj))
+    planes = np.empty((n + 1, ni, nj), dtype=np.uint64)
+    stages = [(np.uint64(shift), np.uint64(mask), pairs) for shift, mask, pairs in _WORD_SWAPS[itemsize]]
+    for i0 in range(0, ni_total, ni):
+        i1 = min(i0 + ni, ni_total)
+        for j0 in range(0, nj_total, nj):
+            j1 = min(j0 + nj, nj_total)
+            w = planes[:, :i1 - i0, :j1 - j0]
+            for k in range(n):
+                w[k] = words[i0:i1, k, j0:j1]
+            t = w[n]
+            for shift, mask, pairs in stages:
+                for p, q in pairs:  # swap the high part of word p with the low part of word q
+                    np.right_shift(w[p], shift, out=t)
+                    np.bitwise_xor(t, w[q], out=t)
+                    np.bitwise_and(t, mask, out=t)
+                    np.bitwise_xor(w[q], t, out=w[q])
+                    np.left_shift(t, shift, out=t)
+                    np.bitwise_xor(w[p], t, out=w[p])
+            for k in range(n):
+                out_words[j0:j1, k, i0:i1] = w[k].T
+
+
+_TORCH_WORD_TILE = (1024, 65536)  # larger tiles: few, long, GIL-free torch ops on all cores (~2x numpy's)
+
+
+def _transpose_words_torch(words: np.ndarray, out_words: np.ndarray, itemsize: int) -> bool:
+    """`_transpose_words` with torch's multi-threaded integer ops, when torch is importable and both word
+    views have whole-word strides (else False, and numpy does it). int64 stands in for uint64: an
+    arithmetic right shift only changes high bits, which the masks clear."""
+    if any(s % 8 for s in (*words.strides, *out_words.strides)):
+        return False
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the package
+        return False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only source (e.g. a memory map) is only read here
+        source = torch.from_numpy(words.view(np.int64))
+    target = torch.from_numpy(out_words.view(np.int64))
+    ni_total, n, nj_total = source.shape
+    nj = min(nj_total, _TORCH_WORD_TILE[0])
+    ni = max(1, min(ni_total, _TORCH_WORD_TILE[1] // nj))
+    planes = torch.empty((n + 1, ni, nj), dtype=torch.int64)
+    stages = [(shift, mask - (1 << 64) if mask >= 1 << 63 else mask, pairs)
+              for shift, mask, pairs in _WORD_SWAPS[itemsize]]
+    for i0 in range(0, ni_total, ni):
+        i1 = min(i0 + ni, ni_total)
+        for j0 in range(0, nj_total, nj):
+            j1 = min(j0 + nj, nj_total)
+            w = planes[:, :i1 - i0, :j1 - j0]
+            w[:n].copy_(source[i0:i1, :, j0:j1].transpose(0, 1))
+            t = w[n]
+            for shift, mask, pairs in stages:
+                for p, q in pairs:
+                    torch.bitwise_right_shift(w[p], shift, out=t)
+                    t.bitwise_xor_(w[q]).bitwise_and_(mask)
+                    w[q].bitwise_xor_(t)
+                    w[p].bitwise_xor_(t.bitwise_left_shift_(shift))
+            target[j0:j1, :, i0:i1].copy_(w[:n].permute(2, 0, 1))
+    return True
+
+
+def _word_view(array: np.ndarray, blocks: int, n: int, width: int) -> np.ndarray:
+    """A 2D array with contiguous rows as 64-bit words [blocks of n rows, n, words per row] (a view)."""
+    row_stride = array.strides[0]
+    return np.lib.stride_tricks.as_strided(array.view(np.uint64), shape=(blocks, n, width),
+                                           strides=(n * row_stride, row_stride, 8))
 
 
 def iter_c_blocks(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:

@@ -46,6 +46,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -210,15 +211,37 @@ class ConversionResult:
 class _LastParam:
     """Reads each raw file once even when several outputs (weight, scales) come from it; holds only one."""
 
-    def __init__(self) -> None:
+    def __init__(self, order: list[Path] | None = None) -> None:
         self.path: Path | None = None
         self.value = None
+        self.next_path = dict(zip(order or [], (order or [])[1:]))  # file -> the one read after it
 
     def get(self, info: TensorFileInfo):
         if self.path != info.path:
             self.value, self.path = None, None  # free the previous parameter before reading the next
             self.value, self.path = read_tensor_file(info.path, info), info.path
+            _read_ahead(self.next_path.get(info.path))
         return self.value
+
+
+def _read_ahead(path: Path | None) -> None:
+    """Ask the kernel to start reading `path` into the page cache now (in a background thread: the advice
+    can block while it queues the reads), so the disk reads the next file while this one is converted.
+    Page cache, not this process's memory; a hint only, so any failure is ignored."""
+    if path is None or not hasattr(os, "posix_fadvise"):
+        return
+
+    def advise() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    threading.Thread(target=advise, name="read-ahead", daemon=True).start()
 
 
 def progress_bar(total: int, desc: str, progress: bool | None):
@@ -312,7 +335,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
     dst = check_destination(dst, ckpt_dir, overwrite=overwrite, replaceable=_replaceable_output, what="convert")
     pairs = validate_raw_checkpoint(ckpt_dir, config)
     source = str(ckpt_dir.resolve())
-    cache = _LastParam()
+    cache = _LastParam([info.path for _, info in pairs])
     outputs: list[tuple[OutputTensor, TensorFileInfo]] = [
         (out, info) for entry, info in pairs for out in plan_from_info(entry, info, weight_format)]
     started = itertools.count(1)

@@ -1,0 +1,204 @@
+"""scripts/make_synthetic_checkpoint and scripts/bench at a tiny size (the full-width runs are benchmarks,
+not tests: see the README's Performance section)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert.param_names import checkpoint_layout
+from convert.raw_checkpoint import read_raw_checkpoint, validate_raw_checkpoint
+from convert.quantized import QuantizedWeight8bit
+from grok_torch.config import GrokConfig
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+GROK_TORCH = [sys.executable, "-c", "import sys; from grok_torch.cli import main; sys.argv[0] = 'grok-torch'; main()"]
+TINY_FORWARD = ["--fwd-dim", "64", "--fwd-key-size", "16", "--fwd-heads", "4", "--fwd-kv-heads", "2",
+                "--fwd-layers", "2", "--fwd-experts", "4", "--fwd-vocab", "512", "--fwd-tokens", "32",
+                "--fwd-repeat", "2"]
+
+
+def run(*args, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    if check and done.returncode:
+        raise AssertionError(f"{args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def load_bench_module():
+    loader = importlib.machinery.SourceFileLoader("bench_script", str(SCRIPTS / "bench"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bench_script", loader))
+    sys.modules["bench_script"] = module  # dataclasses look their module up there
+    loader.exec_module(module)
+    return module
+
+
+def test_scripts_have_help():
+    for script in ("make_synthetic_checkpoint", "bench"):
+        done = run(sys.executable, SCRIPTS / script, "--help")
+        assert "usage:" in done.stdout and "--layers" in done.stdout
+
+
+def test_synthetic_checkpoint_is_valid_converts_and_verifies(tmp_path):
+    src = tmp_path / "src"
+    done = run(sys.executable, SCRIPTS / "make_synthetic_checkpoint", src, "--config", "tiny", "--layers", "3",
+               "--quiet")
+    summary = json.loads(done.stdout)
+    config = GrokConfig.from_name("tiny", num_layers=3)
+    layout = checkpoint_layout(config)
+    assert summary["files"] == len(layout) == 2 + 12 * 3
+    assert GrokConfig.from_json(src / "config.json") == config
+    # every file matches the config's kind, dtype and shape (QuantizedWeight8bit for linears)
+    pairs = validate_raw_checkpoint(src, config)
+    assert [info.quantized for _, info in pairs] == [e.quantizable for e in layout]
+    assert summary["payload_bytes"] == sum(info.nbytes for _, info in pairs)
+    tree = read_raw_checkpoint(src, config)
+    for entry in layout:
+        value = tree[entry.haiku_module][entry.haiku_param]
+        if entry.quantizable:
+            assert isinstance(value, QuantizedWeight8bit)
+            assert value.weight.min() >= -127 and value.weight.max() <= 127
+            assert len(np.unique(value.weight)) > 200  # random, not constant
+            scales = value.scales.astype(np.float32)
+            assert np.all(scales > 0) and np.all(np.isfinite(scales))
+        else:
+            assert value.dtype == np.float32 and np.all(np.isfinite(value)) and value.std() > 0
+    # the pickles are what upstream's loader reads: plain pickle with its class under __main__
+    main = sys.modules["__main__"]
+    had = hasattr(main, "QuantizedWeight8bit")
+    main.QuantizedWeight8bit = QuantizedWeight8bit
+    try:
+        import pickle
+
+        first = next(e for e in layout if e.quantizable)
+        with open(src / "ckpt-0" / f"tensor{first.index:05d}_000", "rb") as file:
+            loaded = pickle.load(file)
+        np.testing.assert_array_equal(loaded.weight, tree[first.haiku_module][first.haiku_param].weight)
+    finally:
+        if not had:
+            del main.QuantizedWeight8bit
+    # deterministic for a seed
+    again = tmp_path / "again"
+    run(sys.executable, SCRIPTS / "make_synthetic_checkpoint", again, "--config", "tiny", "--layers", "3", "--quiet")
+    assert all((src / "ckpt-0" / p.name).read_bytes() == p.read_bytes() for p in (again / "ckpt-0").iterdir())
+    # it converts (config.json picked up from SRC) and verifies bit for bit
+    for dtype in ("int8", "bf16"):
+        out = tmp_path / f"out-{dtype}"
+        run(*GROK_TORCH, "convert", src, out, "--dtype", dtype, "--no-progress")
+        assert "ok:" in run(*GROK_TORCH, "verify", src, out).stdout
+    # refuses to write into a non-empty directory
+    refused = run(sys.executable, SCRIPTS / "make_synthetic_checkpoint", src, "--config", "tiny", check=False)
+    assert refused.returncode != 0 and "not empty" in refused.stderr
+
+
+def test_bench_tiny_end_to_end(tmp_path):
+    workdir = tmp_path / "work"
+    report = tmp_path / "bench.json"
+    done = run(sys.executable, SCRIPTS / "bench", "--workdir", workdir, "--config", "tiny", "--layers", "1",
+               "--json", report, *TINY_FORWARD)
+    assert not workdir.exists()  # cleaned up
+    results = json.loads(report.read_text())
+    assert "| convert int8 -> int8 |" in done.stdout and "tokens/s" in done.stdout
+
+    machine = results["machine"]
+    assert machine["cpus"] >= 1 and machine["memory_gib"] > 0 and machine["torch_threads"] >= 1
+
+    checkpoint = results["checkpoint"]
+    tiny = GrokConfig.from_name("tiny", num_layers=1)
+    assert checkpoint["files"] == 14
+    largest = max(math.prod(e.haiku_shape) * (1 if e.quantizable else 4) for e in checkpoint_layout(tiny))
+    assert checkpoint["largest_tensor_bytes"] == largest > 0
+
+    rows = {r["name"]: r for r in results["conversion"]}
+    assert set(rows) == {"cp -r", "convert int8 -> int8", "convert int8 -> bf16"}
+    for row in rows.values():
+        assert row["cache"] == "cold"
+        assert row["total_seconds"] >= row["seconds"] > 0 and row["input_gb_per_s"] > 0
+        assert row["input_bytes"] == rows["cp -r"]["input_bytes"] > 0
+        # peak RSS from the OS, of that child alone: cp is small, a converter is a Python process
+        assert 0 < row["peak_rss_bytes"] < 8 << 30
+        if row["name"] != "cp -r":
+            assert row["vs_cp"] > 0 and row["peak_rss_bytes"] > rows["cp -r"]["peak_rss_bytes"]
+    assert rows["cp -r"]["output_bytes"] == rows["cp -r"]["input_bytes"]
+    assert rows["cp -r"]["peak_rss_bytes"] < 100 << 20  # not this Python's size: the launcher is small
+    # bf16 output: about twice the int8 weights (scales dropped), more than int8's
+    assert rows["convert int8 -> bf16"]["output_bytes"] > rows["convert int8 -> int8"]["output_bytes"]
+
+    loads = {r["directory"]: r for r in results["load"]}
+    assert set(loads) == {"int8 -> int8", "int8 -> bf16"}
+    for row in loads.values():
+        assert row["bytes"] > 0 and row["read_s"] > 0 and row["load_s"] > 0 and row["touch_s"] >= 0
+        assert math.isclose(row["load_and_touch_s"], row["load_s"] + row["touch_s"])
+
+    forward = results["forward"]
+    assert forward["tokens"] == 32 and forward["config"]["num_experts"] == 4
+    runs = {(r["impl"], r["weights"]): r for r in forward["runs"]}
+    assert len(runs) == 6
+    for (impl, _), r in runs.items():
+        assert r["tokens_per_s"] > 0 and len(r["times"]) == 2
+        if impl.startswith("all-experts") or impl.startswith("JAX"):
+            assert r["argmax_agreement_vs_sparse"] >= 0.9
+    assert set(forward["ratios"]) >= {"sparse_vs_dense_int8", "sparse_vs_dense_bf16", "sparse_vs_haiku_int8",
+                                      "sparse_vs_haiku_bf16", "sparse_int8_vs_bf16"}
+    assert set(results["targets"]) == {"int8 conversion vs cp", "conversion peak RSS / largest tensor"}
+
+
+def test_dense_dispatch_matches_sparse_and_a_wrong_one_is_caught():
+    import types
+
+    import torch
+
+    from convert.state_dict import haiku_tree_to_state_dict
+    from parity.harness import build_model
+    from parity.init import init_params
+
+    bench = load_bench_module()
+    config = GrokConfig.from_name("tiny")
+    model = build_model(haiku_tree_to_state_dict(init_params(config, seed=2), config), config, "bf16")
+    tokens = torch.randint(1, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        sparse = [layer.moe(x) for layer, x in zip(model.layers, _moe_inputs(model, tokens))]
+        for layer in model.layers:
+            layer.moe.forward = types.MethodType(bench.dense_moe_forward, layer.moe)
+        dense = [layer.moe(x) for layer, x in zip(model.layers, _moe_inputs(model, tokens))]
+    for a, b in zip(sparse, dense):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2)
+
+    def renormalised(self, x, record=None, prefix=""):  # a common port bug: gates renormalised
+        out = bench.dense_moe_forward(self, x)
+        return out * 2
+    with torch.inference_mode():
+        layer = model.layers[0]
+        layer.moe.forward = types.MethodType(renormalised, layer.moe)
+        wrong = layer.moe(_moe_inputs(model, tokens)[0])
+    assert not torch.allclose(wrong.float(), sparse[0].float(), rtol=1e-2, atol=1e-2)
+
+
+def _moe_inputs(model, tokens):
+    """Deterministic MoE inputs of the model's width, one per layer (the MoE is tested on its own)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randn(*tokens.shape, model.config.emb_size, generator=generator).to(model.dtype)
+            for _ in model.layers]
+
+
+def test_page_cache_helpers(tmp_path):
+    bench = load_bench_module()
+    path = tmp_path / "data"
+    path.write_bytes(np.random.default_rng(0).bytes(1 << 20))
+    bench.warm_cache([path])
+    resident = bench.resident_fraction([path])
+    if resident is None:
+        pytest.skip("mincore not available here")
+    assert resident == pytest.approx(1.0)
+    bench.drop_cache([path])  # only a hint to the kernel, but it must not fail
+    assert 0.0 <= bench.resident_fraction([path]) <= 1.0
