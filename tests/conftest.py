@@ -23,3 +23,19 @@ TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "grok1" / "t
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return GOLDEN_DIR
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """A writable copy of the golden checkpoint (ckpt-0 + config.json), one per test module."""
+    from helpers_ckpt import copy_golden_with_config
+
+    return copy_golden_with_config(tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(scope="module")
+def src_sums(src) -> dict[str, str]:
+    """sha256 of every file of `src` before any test touches it."""
+    from helpers_ckpt import sha256_tree
+
+    return sha256_tree(src)

@@ -21,19 +21,9 @@ from click.testing import CliRunner
 import convert.safetensors_io as safetensors_io
 from convert.cli import EXIT_NO_SPACE, convert_cmd
 from convert.converter import OutOfSpaceError, convert_checkpoint
-from helpers_ckpt import copy_golden_with_config, golden_config, sha256_tree
+from helpers_ckpt import golden_config, sha256_tree
 
 NEEDED = "7,483,392 bytes (7.5 MB)"  # the golden checkpoint in int8, 1 MB shards, in 4 KiB blocks
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory) -> Path:
-    return copy_golden_with_config(tmp_path_factory.mktemp("src"))
-
-
-@pytest.fixture(scope="module")
-def src_sums(src) -> dict[str, str]:
-    return sha256_tree(src)
 
 
 Usage = namedtuple("Usage", "total used free")

@@ -25,22 +25,12 @@ from convert.converter import ConversionInterrupted, convert_checkpoint
 from convert.output_dir import DestinationError
 from convert.resume import JOURNAL_FILE, partial_path
 from convert.verify import verify
-from helpers_ckpt import copy_golden_with_config, golden_config, sha256_tree
+from helpers_ckpt import golden_config, sha256_tree
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals needed")
 
 CLI = [sys.executable, "-c", "import sys; from grok_torch.cli import main; sys.argv[0] = 'grok-torch'; main()"]
 SHARD = 1_000_000  # 8 shards of the golden checkpoint in int8
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory) -> Path:
-    return copy_golden_with_config(tmp_path_factory.mktemp("src"))
-
-
-@pytest.fixture(scope="module")
-def src_sums(src) -> dict[str, str]:
-    return sha256_tree(src)
 
 
 @pytest.fixture(scope="module")
