@@ -114,6 +114,7 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
         echo(f"      {type(model).__name__}: {int8 / 1e6:.1f}M int8 weights")
 
     passed = True
+    bf16_model = None  # loaded once, for the bf16 parity run and for generation
     if have_jax:
         from parity.harness import run_parity
         from parity.report import format_report
@@ -121,7 +122,10 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
         raw_params = read_raw_checkpoint(raw_dir, config)
         for dtype in ("fp32", "bf16"):
             with steps.step(f"parity with the JAX/haiku reference on the same checkpoint ({dtype})"):
-                loaded = model if dtype == "fp32" else grok_torch.load(converted_dir, weights="int8", dtype=dtype)
+                if dtype == "fp32":
+                    loaded = model
+                else:
+                    loaded = bf16_model = grok_torch.load(converted_dir, weights="int8", dtype=dtype)
                 report = run_parity(config, dtype=dtype, seed=seed, params=raw_params, model=loaded,
                                     seq_len=32, label="haiku reference (raw checkpoint)")
                 echo("\n".join("      " + line for line in format_report(report).splitlines()))
@@ -131,7 +135,7 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
 
     with steps.step("generate (greedy, KV cache)"):
         path, source = find_tokenizer(tokenizer)
-        model = grok_torch.load(converted_dir, weights="int8", dtype="bf16")
+        model = bf16_model if bf16_model is not None else grok_torch.load(converted_dir, weights="int8", dtype="bf16")
         tok = None
         if path is not None:
             from grok_torch.tokenizer import Tokenizer

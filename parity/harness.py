@@ -165,6 +165,12 @@ def parity_tokens(config: GrokConfig, *, seed: int = 0, batch: int = 4, seq_len:
     return tokens.astype(np.int64)
 
 
+def _check_model(model: Grok, config: GrokConfig, dtype: str, purpose: str) -> None:
+    """A model handed to the harness must run the config and compute dtype being compared."""
+    if model.config != config or model.dtype != COMPUTE_DTYPES[dtype]:
+        raise ValueError(f"{purpose} needs {config} in {dtype}, not {model.config} in {model.dtype}")
+
+
 def build_model(state: dict[str, torch.Tensor], config: GrokConfig, dtype: str) -> Grok:
     """A grok_torch model holding exactly `state` (each linear int8 or float, as `state` has it)."""
     model = Grok(config, weights="int8", dtype=dtype, device="meta")
@@ -200,8 +206,8 @@ def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quanti
     timings["reference_s"] = time.perf_counter() - start
     if model is None:
         model = build_model(haiku_tree_to_state_dict(params, config), config, dtype)
-    elif model.config != config or model.dtype != COMPUTE_DTYPES[dtype]:
-        raise ValueError(f"the model given runs {model.config} in {model.dtype}, not {config} in {dtype}")
+    else:
+        _check_model(model, config, dtype, "parity")
     if model_hook is not None:
         model_hook(model)
     start = time.perf_counter()
@@ -238,8 +244,8 @@ def run_golden(golden_dir: str | Path, *, state: dict[str, torch.Tensor] | None 
     config, golden_state, tokens, ref = load_golden(golden_dir)
     if model is None:
         model = build_model(state if state is not None else golden_state, config, "bf16")
-    elif model.config != config or model.dtype != torch.bfloat16:
-        raise ValueError(f"the golden run needs {config} in bf16, not {model.config} in {model.dtype}")
+    else:
+        _check_model(model, config, "bf16", "the golden run")
     if model_hook is not None:
         model_hook(model)
     runs = compare_model(model, tokens, ref, "bf16")

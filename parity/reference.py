@@ -514,8 +514,7 @@ def _jit(fn):
 def _compiled(piece: str, config: GrokConfig, fprop_dtype: str):
     """The compiled embedding, layer or head function (haiku apply: params, *inputs)."""
     fn = {"embed": _embed_fn, "layer": _layer_fn, "head": _head_fn}[piece]
-    if fprop_dtype not in FPROP_DTYPES:
-        raise ValueError(f"fprop_dtype must be one of {sorted(FPROP_DTYPES)}, got {fprop_dtype!r}")
+    _numerics(config, fprop_dtype)  # a bad fprop_dtype fails here, before anything is compiled or cached
     return _jit(hk.without_apply_rng(hk.transform(functools.partial(fn, config=config, fprop_dtype=fprop_dtype))).apply)
 
 
