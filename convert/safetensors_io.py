@@ -19,7 +19,6 @@ import math
 import os
 import re
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -28,6 +27,7 @@ import numpy as np
 
 from convert.blocks import as_bytes
 from convert.raw_checkpoint import numpy_dtype
+from convert.shard_file import ShardFileWriter
 
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"
@@ -150,28 +150,6 @@ def index_text(files: list[tuple[str, int, list[TensorToWrite]]], index_metadata
     return json.dumps(index, indent=2) + "\n"
 
 
-class _HashingWriter:
-    """Wraps a binary file: sha256 of everything written. A large write is hashed on a helper thread while the
-    same bytes are written (both release the GIL), so the checksum costs little time; each write returns only
-    when both are done, so the caller may reuse its buffer."""
-
-    def __init__(self, file, pool) -> None:
-        self.file, self.pool = file, pool
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> int:
-        self.size += len(data)
-        if len(data) < 1 << 20:
-            self.sha.update(data)
-            return self.file.write(data)
-        hashed = self.pool.submit(self.sha.update, data)
-        try:
-            return self.file.write(data)
-        finally:
-            hashed.result()
-
-
 def write_sharded_safetensors(out_dir: str | os.PathLike, tensors: list[TensorToWrite], *,
                               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, metadata: dict[str, str] | None = None,
                               index_metadata: dict[str, object] | None = None,
@@ -191,24 +169,20 @@ def write_sharded_safetensors(out_dir: str | os.PathLike, tensors: list[TensorTo
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     files = plan_shard_files(tensors, max_shard_size, metadata)
     paths = []
-    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
-        for name, size, shard in files:
-            path = out_dir / name
-            paths.append(path)
-            if reuse_shard is not None and reuse_shard(path, size):
-                if on_bytes:
-                    on_bytes(sum(t.nbytes for t in shard))
-                continue
-            with open(path, "xb") as raw:
-                file = _HashingWriter(raw, pool) if on_shard else raw
-                file.write(shard_header(shard, metadata))
-                for tensor in shard:
-                    write_tensor_data(file, tensor, on_bytes)
-                if on_shard:
-                    raw.flush()
-                    os.fsync(raw.fileno())
-            if on_shard:
-                on_shard(path, file.size, file.sha.hexdigest())
+    for name, size, shard in files:
+        path = out_dir / name
+        paths.append(path)
+        if reuse_shard is not None and reuse_shard(path, size):
+            if on_bytes:
+                on_bytes(sum(t.nbytes for t in shard))
+            continue
+        with ShardFileWriter(path, hash=on_shard is not None) as file:
+            file.write(shard_header(shard, metadata))
+            for tensor in shard:
+                write_tensor_data(file, tensor, on_bytes)
+            written, sha256 = file.finish(sync=on_shard is not None)
+        if on_shard:
+            on_shard(path, written, sha256)
     (out_dir / INDEX_FILE).write_text(index_text(files, index_metadata))
     return paths
 

@@ -81,7 +81,7 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
     from convert.state_dict import haiku_tree_to_state_dict
     from convert.verify import verify
     from grok_torch.config import GrokConfig
-    from grok_torch.generate import generate
+    from grok_torch.generation import generate
     from parity.init import init_params
 
     config = GrokConfig.resolve(config_name)

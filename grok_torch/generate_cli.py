@@ -39,7 +39,7 @@ def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
     finishes. A closing line gives the prefill and decode speeds in tokens/s.
     """
     import grok_torch
-    from grok_torch.generate import GenerationError, PromptTruncatedWarning, fit_prompts, generate
+    from grok_torch.generation import GenerationError, PromptTruncatedWarning, fit_prompts, generate
     from grok_torch.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
     if not path.is_dir():

@@ -12,7 +12,8 @@ with install_import_hook("grok_torch", "beartype.beartype"):
     import grok_torch.model  # noqa: F401
     import grok_torch.linear  # noqa: F401
     import grok_torch.sampling  # noqa: F401
-    import grok_torch.generate  # noqa: F401
+    import grok_torch.generation  # noqa: F401
+    import grok_torch.loading  # noqa: F401
     import grok_torch.tokenizer  # noqa: F401
 
 ASSETS = Path(__file__).parent / "assets"

@@ -48,3 +48,25 @@ def test_blocks_start_on_whole_word_groups():
     starts = [index[-1].start for index in block_indices((4, 32768, 6144), 1, 64 << 20)]
     assert all(start % 8 == 0 for start in starts)
     assert max(b - a for a, b in zip(starts, starts[1:]) if b > a) <= (64 << 20) // 6144
+
+
+def test_copies_made_in_a_scratch_buffer_reuse_its_memory():
+    """The converter's blocks are made in one reused buffer: same bytes as a new copy, in the same memory."""
+    from convert.blocks import Scratch
+
+    scratch = Scratch()
+    rng = np.random.default_rng(2)
+    first = rng.integers(-127, 128, size=(64, 48), dtype=np.int8).swapaxes(0, 1)
+    got = contiguous(first, scratch)
+    assert got.tobytes() == np.ascontiguousarray(first).tobytes() and np.shares_memory(got, scratch.buffer)
+    buffer = scratch.buffer
+    for view in (rng.standard_normal((8, 24)).astype(np.float32).T,  # smaller: the same buffer
+                 rng.standard_normal((40,)).astype(np.float32)[::2]):  # strided 1-D: a plain copy
+        got = contiguous(view, scratch)
+        assert got.tobytes() == np.ascontiguousarray(view).tobytes() and got.dtype == view.dtype
+        assert scratch.buffer is buffer and np.shares_memory(got, buffer)
+    bigger = rng.integers(0, 9, size=(128, 64), dtype=np.int16).T
+    assert contiguous(bigger, scratch).tobytes() == np.ascontiguousarray(bigger).tobytes()
+    assert scratch.buffer.nbytes == bigger.nbytes  # grown to the largest request
+    whole = np.arange(12).reshape(3, 4)
+    assert contiguous(whole, scratch) is whole  # already C-contiguous: no copy at all

@@ -139,7 +139,7 @@ def test_fp32_holds_the_weights_upstream_computes_with(converted, raw, config):
 
 
 def test_fp32_directory_equals_int8_directory_dequantized_by_the_loader(converted):
-    from grok_torch.load import load
+    from grok_torch.loading import load
 
     from_fp32 = load(converted["fp32"], weights="fp32", dtype="fp32").state_dict()
     from_int8 = load(converted["int8"], weights="fp32", dtype="fp32").state_dict()
@@ -310,11 +310,11 @@ def test_failure_while_writing_removes_the_partial_output(tmp_path, config, monk
     calls = {"n": 0}
     original = converter.read_tensor_file
 
-    def failing_read(path, info=None):
+    def failing_read(path, info=None, **kwargs):
         calls["n"] += 1
         if calls["n"] == 50:
             raise OSError(5, "Input/output error")
-        return original(path, info)
+        return original(path, info, **kwargs)
 
     monkeypatch.setattr(converter, "read_tensor_file", failing_read)
     with pytest.raises(OSError, match="Input/output error"):

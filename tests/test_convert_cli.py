@@ -161,3 +161,34 @@ def test_exit_codes_are_documented():
     readme = (GOLDEN_DIR.parents[2] / "README.md").read_text()
     for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 130 |"):
         assert code in readme
+
+
+def test_the_command_line_starts_without_torch():
+    """`grok-torch --help`, `convert --help` and the package's non-model names load no torch (about 2 s);
+    the model names still import it on first use, and `grok_torch.load` is the function, whatever else was
+    imported before."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from click.testing import CliRunner
+import grok_torch, grok_torch.cli
+for args in ([], ["convert", "--help"], ["inspect", "--help"]):
+    assert CliRunner().invoke(grok_torch.cli.main, args or ["--help"]).exit_code == 0, args
+assert "torch" not in sys.modules, "torch was imported"
+import grok_torch.loading, grok_torch.generation
+assert grok_torch.load is grok_torch.loading.load and grok_torch.generate is grok_torch.generation.generate
+from grok_torch import Grok, KVCache, Tokenizer, LoadError, GenerationError, GenerationResult
+assert "torch" in sys.modules and Grok.__module__ == "grok_torch.model"
+assert set(grok_torch.__all__) <= set(dir(grok_torch))
+try:
+    grok_torch.no_such_name
+except AttributeError as err:
+    assert "no_such_name" in str(err)
+else:
+    raise AssertionError("no AttributeError")
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import convert.safetensors_io as safetensors_io
+import convert.shard_file as shard_file
 from convert.cli import EXIT_NO_SPACE, convert_cmd
 from convert.converter import OutOfSpaceError, convert_checkpoint
 from helpers_ckpt import golden_config, sha256_tree
@@ -34,38 +34,19 @@ def _report_free(monkeypatch, free: int) -> None:
 
 
 class _FullDisk:
-    """Files of the shard writer on a disk that fills up after `budget` bytes (then ENOSPC, as the kernel does:
-    a short write first, then the error)."""
+    """The shard writer's write system call on a disk that fills up after `budget` bytes (then ENOSPC, as the
+    kernel does: a short write first, then the error)."""
 
     def __init__(self, budget: int):
         self.left = budget
 
-    def open(self, path, mode="r", *args, **kwargs):
-        file = open(path, mode, *args, **kwargs)
-        if "r" in mode:
-            return file
-        disk = self
-
-        class Writer:
-            def write(self, data):
-                data = memoryview(data).cast("B")
-                if len(data) > disk.left:
-                    file.write(data[:disk.left])
-                    disk.left = 0
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                disk.left -= len(data)
-                return file.write(data)
-
-            def __getattr__(self, name):
-                return getattr(file, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                file.close()
-
-        return Writer()
+    def write(self, fd: int, data) -> int:
+        if self.left == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        data = memoryview(data).cast("B")
+        n = os.write(fd, data[:self.left])
+        self.left -= n
+        return n
 
 
 def _assert_clean(parent: Path) -> None:
@@ -92,7 +73,7 @@ def test_enough_space_passes_the_check(src, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("budget", [100, 2_500_000, 7_300_000])
 def test_disk_filling_up_while_writing_removes_the_partial_output(src, src_sums, tmp_path, monkeypatch, budget):
-    monkeypatch.setattr(safetensors_io, "open", _FullDisk(budget).open, raising=False)
+    monkeypatch.setattr(shard_file, "_write", _FullDisk(budget).write)
     with pytest.raises(OutOfSpaceError) as err:
         convert_checkpoint(src, tmp_path / "out", golden_config(), max_shard_size=1_000_000)
     free = shutil.disk_usage(tmp_path).free
@@ -111,7 +92,7 @@ def test_cli_exit_code_and_one_line(src, src_sums, tmp_path, monkeypatch):
     assert result.exit_code == EXIT_NO_SPACE == 4
     assert result.stderr.splitlines()[-1].startswith("error: not enough free space on ")
     assert "Traceback" not in result.output
-    monkeypatch.setattr(safetensors_io, "open", _FullDisk(3_000_000).open, raising=False)
+    monkeypatch.setattr(shard_file, "_write", _FullDisk(3_000_000).write)
     result = CliRunner().invoke(convert_cmd, [str(src), str(tmp_path / "out"), "--max-shard-size", "1MB",
                                               "--no-space-check"])
     assert result.exit_code == 4 and result.stderr.splitlines()[-1].startswith("error: out of disk space on ")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import grok_torch
 from grok_torch.cli import main
 from grok_torch.config import GrokConfig
-from grok_torch.generate import GenerationError, PromptTruncatedWarning, generate, left_pad
+from grok_torch.generation import GenerationError, PromptTruncatedWarning, generate, left_pad
 from grok_torch.model import Grok
 
 from conftest import TOKENIZER

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import convert.converter as converter
-import convert.safetensors_io as safetensors_io
+import convert.shard_file as shard_file
 from convert.converter import ConversionInterrupted, OutOfSpaceError, convert_checkpoint
 from convert.inspect import inspect
 from convert.raw_checkpoint import CheckpointError
@@ -85,10 +85,10 @@ def test_every_failure_mode_leaves_the_input_untouched_and_opens_it_read_only(tm
         original = converter.read_tensor_file
         calls = iter(range(1000))
 
-        def read(path, info=None):
+        def read(path, info=None, **kwargs):
             if next(calls) == 60:
                 raise KeyboardInterrupt
-            return original(path, info)
+            return original(path, info, **kwargs)
 
         monkeypatch.setattr(converter, "read_tensor_file", read)
         with pytest.raises(ConversionInterrupted):
@@ -100,7 +100,7 @@ def test_every_failure_mode_leaves_the_input_untouched_and_opens_it_read_only(tm
 
     def disk_full():
         with monkeypatch.context() as patch:
-            patch.setattr(safetensors_io, "open", _FullDisk(2_000_000).open, raising=False)
+            patch.setattr(shard_file, "_write", _FullDisk(2_000_000).write)
             with pytest.raises(OutOfSpaceError):
                 convert_checkpoint(src, tmp_path / "full", config)
 

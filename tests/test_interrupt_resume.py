@@ -148,11 +148,11 @@ def _interrupt_after(monkeypatch, reads: int) -> None:
     calls = {"n": 0}
     original = converter.read_tensor_file
 
-    def read(path, info=None):
+    def read(path, info=None, **kwargs):
         calls["n"] += 1
         if calls["n"] == reads:
             raise KeyboardInterrupt
-        return original(path, info)
+        return original(path, info, **kwargs)
 
     monkeypatch.setattr(converter, "read_tensor_file", read)
 

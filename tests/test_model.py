@@ -109,7 +109,7 @@ def test_mixed_weight_formats_load_and_agree():
     model = build_model(state, config, "fp32")
     assert model.layers[0].attn.q_proj.weight.dtype == torch.float32 and not model.layers[0].attn.q_proj.quantized
     assert model.layers[0].moe.up_proj.weight.dtype == torch.int8
-    from grok_torch.load import convert_linear_weights
+    from grok_torch.loading import convert_linear_weights
 
     tokens = torch.as_tensor(parity_tokens(config, batch=2, seq_len=16))
     logits = model(tokens)

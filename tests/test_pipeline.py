@@ -18,7 +18,7 @@ from convert.raw_checkpoint import read_raw_checkpoint
 from convert.state_dict import haiku_tree_to_state_dict, state_dict_to_haiku_tree
 from grok_torch.cli import main
 from grok_torch.config import GrokConfig
-from grok_torch.generate import generate, left_pad
+from grok_torch.generation import generate, left_pad
 from parity.harness import run_parity
 from parity.init import init_params
 from parity.reference import reference_forward

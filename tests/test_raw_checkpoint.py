@@ -120,10 +120,34 @@ def test_other_protocols_and_fortran_order(tmp_path, protocol):
         path = tmp_path / f"{name}-{protocol}"
         path.write_bytes(pickle.dumps(array, protocol=protocol))
         info = scan_tensor_file(path)
-        value = read_tensor_file(path)
         assert info.array.fortran_order == (name == "f")
-        assert value.dtype == array.dtype and value.shape == array.shape and value.tobytes() == array.tobytes()
-        assert value.flags.f_contiguous if name == "f" else value.flags.c_contiguous
+        for value in (read_tensor_file(path), read_tensor_file(path, mapped=True)):
+            assert value.dtype == array.dtype and value.shape == array.shape and value.tobytes() == array.tobytes()
+            assert value.flags.f_contiguous if name == "f" else value.flags.c_contiguous
+
+
+def test_mapped_reads_equal_reads_and_are_read_only():
+    """What the converter uses: the payloads mapped from the files, not copied."""
+    for row in INDEX:
+        path = GOLDEN_DIR / row["file"]
+        read, mapped = read_tensor_file(path), read_tensor_file(path, mapped=True)
+        pairs = [(read.weight, mapped.weight), (read.scales, mapped.scales)] \
+            if isinstance(read, QuantizedWeight8bit) else [(read, mapped)]
+        for copy, view in pairs:
+            assert view.dtype == copy.dtype and view.shape == copy.shape and view.tobytes() == copy.tobytes()
+            assert not view.flags.writeable and view.flags.c_contiguous
+
+
+def test_a_file_truncated_after_the_scan_is_an_error_not_a_crash(tmp_path):
+    """Mapping past the end of a file would kill the process (SIGBUS) when touched: checked first."""
+    path = tmp_path / "t"
+    path.write_bytes(pickle.dumps(np.arange(4096, dtype=np.float32), protocol=4))
+    info = scan_tensor_file(path)
+    with open(path, "r+b") as f:
+        f.truncate(info.file_size - 100)
+    for mapped in (False, True):
+        with pytest.raises(CheckpointError, match=f"{path}: truncated: .* bytes of array data missing"):
+            read_tensor_file(path, info, mapped=mapped)
 
 
 # ---- malicious pickles ------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Batched text generation with the KV cache: left-padded prompts, one prefill, then one-token steps.
 
-    from grok_torch.generate import generate
+    from grok_torch.generation import generate
     result = generate(model, [tokenizer.encode("The answer is"), tokenizer.encode("Hi")],
                       max_new_tokens=100, temperature=0.01, top_p=1.0, seed=42,
                       on_token=lambda row, token: ...)
