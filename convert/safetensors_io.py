@@ -13,7 +13,6 @@ the same way for N = 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import convert.converter as converter
-from convert.converter import _ReadAhead, readahead_bytes
+import convert.read_ahead as read_ahead
+from convert.read_ahead import ReadAhead, readahead_bytes
 
 MIB = 1 << 20
 pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not Path("/proc/self/fd").exists(),
@@ -29,7 +29,7 @@ def advice(monkeypatch):
             calls.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, length, how))
 
     monkeypatch.setattr(os, "posix_fadvise", record)
-    monkeypatch.setattr(converter, "READ_AHEAD_STEP", MIB // 4)
+    monkeypatch.setattr(read_ahead, "READ_AHEAD_STEP", MIB // 4)
     return calls
 
 
@@ -56,7 +56,7 @@ def _settle(calls, expected_bytes: int, timeout: float = 10.0) -> None:
 
 def test_reads_ahead_in_order_within_its_window(tmp_path, advice):
     paths = _files(tmp_path, [1, 1, 1])
-    ahead = _ReadAhead(paths, window=3 * MIB // 2, step=64 << 10)
+    ahead = ReadAhead(paths, window=3 * MIB // 2, step=64 << 10)
     try:
         _settle(advice, 3 * MIB // 2)
         assert sum(c[2] for c in advice) == 3 * MIB // 2  # the whole window, nothing past it
@@ -79,7 +79,7 @@ def test_reads_ahead_in_order_within_its_window(tmp_path, advice):
 
 def test_files_already_converted_are_skipped(tmp_path, advice):
     paths = _files(tmp_path, [2, 2, 1])
-    ahead = _ReadAhead(paths, window=MIB // 2)
+    ahead = ReadAhead(paths, window=MIB // 2)
     try:
         _settle(advice, MIB // 2)
         ahead.converting(paths[2])  # e.g. the shards before it were reused by --resume
@@ -92,7 +92,7 @@ def test_files_already_converted_are_skipped(tmp_path, advice):
 
 
 def test_close_stops_a_waiting_thread(tmp_path, advice):
-    ahead = _ReadAhead(_files(tmp_path, [4]), window=MIB // 4)
+    ahead = ReadAhead(_files(tmp_path, [4]), window=MIB // 4)
     _settle(advice, MIB // 4)
     ahead.close()
     assert not ahead.thread.is_alive() and sum(c[2] for c in advice) == MIB // 4
@@ -100,9 +100,9 @@ def test_close_stops_a_waiting_thread(tmp_path, advice):
 
 def test_the_default_window_covers_the_largest_file_and_more(tmp_path, advice):
     paths = _files(tmp_path, [3, 1])
-    ahead = _ReadAhead(paths)
+    ahead = ReadAhead(paths)
     ahead.close()
-    assert ahead.window == 3 * MIB + converter.READ_AHEAD_BEYOND_LARGEST
+    assert ahead.window == 3 * MIB + read_ahead.READ_AHEAD_BEYOND_LARGEST
 
 
 def test_the_step_is_the_devices_read_ahead_size(tmp_path):
