@@ -131,3 +131,51 @@ def test_stage_size_must_be_whole_blocks(tmp_path):
     with pytest.raises(ValueError, match="multiple of 4096"):
         ShardFileWriter(tmp_path / "shard", stage_bytes=1000)
     assert not (tmp_path / "shard").exists()
+
+
+# ---- write_sharded_safetensors: each shard on the disk before it is recorded ---------------------------------
+
+def _shards_of(tmp_path, monkeypatch, events: list[tuple[str, str]], fail_fsync_of: str | None = None) -> None:
+    """Write 4 one-tensor shards, recording every fsync (by file name) and every on_shard call, in order."""
+    from convert.safetensors_io import TensorToWrite, write_sharded_safetensors
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name == fail_fsync_of:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+        events.append(("fsync", name))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    tensors = [TensorToWrite(f"t{i}", "float32", (3000,), lambda i=i: [np.full(3000, i, np.float32)])
+               for i in range(4)]
+
+    def on_shard(path, size, sha256):
+        assert size == path.stat().st_size and sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        events.append(("recorded", path.name))
+
+    write_sharded_safetensors(tmp_path, tensors, max_shard_size=12_000, on_shard=on_shard)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd through /proc")
+def test_every_shard_is_synced_before_it_is_recorded_and_recorded_in_order(tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    _shards_of(tmp_path, monkeypatch, events)
+    names = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert [name for kind, name in events if kind == "recorded"] == names
+    for name in names:
+        assert events.index(("fsync", name)) < events.index(("recorded", name))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd through /proc")
+def test_a_failed_fsync_is_raised_and_that_shard_is_never_recorded(tmp_path, monkeypatch):
+    failing = "model-00002-of-00004.safetensors"
+    events: list[tuple[str, str]] = []
+    open_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as err:
+        _shards_of(tmp_path, monkeypatch, events, fail_fsync_of=failing)
+    assert err.value.errno == errno.EIO
+    assert [name for kind, name in events if kind == "recorded"] == ["model-00001-of-00004.safetensors"]
+    assert len(os.listdir("/proc/self/fd")) == open_before  # nothing left open
