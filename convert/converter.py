@@ -220,7 +220,7 @@ class _LastParam:
     """Maps each raw file once even when several outputs (weight, scales) come from it; holds only one. The
     file is mapped, not read: its page cache pages are used as they are (`read_tensor_file(mapped=True)`)."""
 
-    def __init__(self, read_ahead: "ReadAhead | None" = None) -> None:
+    def __init__(self, read_ahead: ReadAhead) -> None:
         self.path: Path | None = None
         self.value = None
         self.read_ahead = read_ahead
@@ -228,8 +228,7 @@ class _LastParam:
     def get(self, info: TensorFileInfo):
         if self.path != info.path:
             self.value, self.path = None, None  # unmap the previous parameter before mapping the next
-            if self.read_ahead is not None:
-                self.read_ahead.converting(info.path)
+            self.read_ahead.converting(info.path)
             self.value, self.path = read_tensor_file(info.path, info, mapped=True), info.path
         return self.value
 
@@ -329,7 +328,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
         (out, info) for entry, info in pairs for out in plan_from_info(entry, info, weight_format)]
     started = itertools.count(1)
     scratch = Scratch()  # every block of every tensor is made in this one buffer
-    cache = _LastParam()
 
     def chunks_of(out: OutputTensor, info: TensorFileInfo) -> Callable[[], Iterator[np.ndarray]]:
         def chunks() -> Iterator[np.ndarray]:
@@ -373,7 +371,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
             if _TEST_STOP in os.environ:
                 _test_stop(f"shard:{next(written)}")
 
-        cache.read_ahead = ReadAhead(list(dict.fromkeys(to_read)))
+        cache = _LastParam(ReadAhead(list(dict.fromkeys(to_read))))  # read by `chunks_of` while writing
         torch_import = import_torch_in_background() if to_read else None
         try:
             with progress_bar(total, f"convert ({weight_format})", progress) as bar:

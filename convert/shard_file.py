@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -51,6 +52,17 @@ def _set_direct(fd: int, on: bool) -> bool:
         return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
     except (ImportError, OSError):
         return False
+
+
+def direct_io_supported(directory: str | os.PathLike) -> bool:
+    """Whether files in `directory` take O_DIRECT (found with a probe file, removed again)."""
+    probe = Path(directory) / ".grok-torch-direct-io-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        return _set_direct(fd, True)
+    finally:
+        os.close(fd)
+        probe.unlink()
 
 
 class ShardFileWriter:
@@ -90,7 +102,7 @@ class ShardFileWriter:
 
     def write(self, data) -> int:
         """Copy `data` (any C-contiguous buffer) into the staging buffers; returns its length in bytes."""
-        source = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        source = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
         done = 0
         while done < source.size:
             if self._filling is None:
@@ -210,6 +222,8 @@ class ShardFileWriter:
                     if not self.direct:
                         os.lseek(self.fd, offset + done, os.SEEK_SET)
                         continue
+                if err.filename is None:  # os.write does not say which file: the message should
+                    raise OSError(err.errno, err.strerror, os.fspath(self.path)) from err
                 raise
             if n <= 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self.path))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import convert.shard_file as shard_file
-from convert.shard_file import ALIGN, ShardFileWriter
+from convert.shard_file import ALIGN, ShardFileWriter, direct_io_supported
 
 STAGE = 2 * ALIGN  # small stages, so a few KiB cross many stage boundaries
 SIZES = [0, 1, 7, ALIGN - 1, ALIGN, ALIGN + 1, STAGE - 3, STAGE, STAGE + 5, 3 * STAGE + 11, 100]
@@ -22,19 +22,9 @@ def _pieces(seed: int = 0) -> list[bytes]:
     return [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in SIZES]
 
 
-def _direct_supported(directory) -> bool:
-    probe = directory / "probe"
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT)
-    try:
-        return shard_file._set_direct(fd, True)
-    finally:
-        os.close(fd)
-        probe.unlink()
-
-
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
 def test_the_file_holds_exactly_the_bytes_written(tmp_path, direct):
-    if direct and not _direct_supported(tmp_path):
+    if direct and not direct_io_supported(tmp_path):
         pytest.skip(f"{tmp_path}: this file system has no O_DIRECT")
     pieces = _pieces()
     path = tmp_path / "shard"
@@ -73,7 +63,7 @@ def test_direct_io_can_be_switched_off_by_the_environment(tmp_path, monkeypatch)
 def test_a_file_system_that_refuses_direct_writes_gets_buffered_ones(tmp_path, monkeypatch):
     """Some file systems take O_DIRECT at open and refuse the write (EINVAL): the rest goes through the page
     cache, from the same position, and the file is still exact."""
-    if not _direct_supported(tmp_path):
+    if not direct_io_supported(tmp_path):
         pytest.skip(f"{tmp_path}: this file system has no O_DIRECT")
     refused = []
 
@@ -110,7 +100,7 @@ def test_an_error_of_the_writer_thread_reaches_the_caller_and_everything_is_clos
             for _ in range(20):
                 writer.write(b"y" * STAGE)
             writer.finish()
-    assert err.value.errno == errno.EIO
+    assert err.value.errno == errno.EIO and err.value.filename == str(tmp_path / "shard")
     assert not writer._thread.is_alive()
     with pytest.raises(OSError) as closed:
         os.fstat(writer.fd)
