@@ -1,10 +1,8 @@
 """Click commands of the converter: convert, inspect, verify, export-upstream.
 
-They are registered on the `grok-torch` group (grok_torch/cli.py). Errors a user can cause (a bad
-checkpoint, an existing destination, a bad option value, a full disk) print one line `error: ...` on
-stderr, without a traceback unless `grok-torch --debug` (or GROK_TORCH_DEBUG=1), and exit with a
-documented status (EXIT_CODES_HELP): 1 for a bad input or destination, 3 when verify finds a mismatch,
-4 when the disk is too small or fills up, 130 when interrupted (Ctrl-C, or SIGTERM during convert).
+The `grok-torch` group (grok_torch/cli.py) loads this module by name when one of them is run. Errors a
+user can cause (a bad checkpoint, an existing destination, a bad option value, a full disk) are shown by
+grok_torch.errors: one line `error: ...` on stderr and a documented exit status (EXIT_CODES_HELP).
 
 Config selection (convert, verify): `--config` takes a preset name or a JSON file (upstream field
 names; extra keys ignored) or a converted directory. Without it, a `config.json` in SRC (or beside
@@ -14,94 +12,17 @@ SRC when SRC is the ckpt-0 directory itself) is used if present, else the `grok-
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import os
 import signal
-import traceback
 from pathlib import Path
 
 import click
 
 from grok_torch.config import GrokConfig
+from grok_torch.converted_dir import WEIGHT_FORMATS, is_converted_dir
+from grok_torch.errors import EXIT_MISMATCH, UserError, cli_errors
 
 DEFAULT_CONFIG = "grok-1"
-
-EXIT_ERROR = 1  # a bad input, destination or option value; also an unexpected internal error
-EXIT_USAGE = 2  # click's usage errors: unknown option, missing argument, invalid choice
-EXIT_MISMATCH = 3  # verify: the two sides differ
-EXIT_NO_SPACE = 4  # convert: not enough free space up front, or the disk filled up while writing
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), or SIGTERM during convert
-EXIT_CODES_HELP = "\n".join([
-    "Exit codes:",
-    "  0    success",
-    f"  {EXIT_ERROR}    error: bad input, destination or option value, or an internal error",
-    f"       (one line `error: ...`; grok-torch --debug shows the traceback)",
-    f"  {EXIT_USAGE}    usage error (unknown option, missing argument, invalid choice)",
-    f"  {EXIT_MISMATCH}    verify found a mismatch",
-    f"  {EXIT_NO_SPACE}    not enough disk space (checked up front, or the disk filled up)",
-    f"  {EXIT_INTERRUPTED}  interrupted (Ctrl-C; SIGTERM during convert)",
-])
-
-
-class UserError(click.ClickException):
-    """Shown as `error: <message>` on stderr, exit status `exit_code` (1 unless given)."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-class Interrupted(UserError):
-    """Shown as `interrupted...` (the message says what was kept), exit status 130."""
-
-    def __init__(self, message: str):
-        super().__init__(message, EXIT_INTERRUPTED)
-
-    def show(self, file=None) -> None:
-        click.echo(self.format_message(), err=True)
-
-
-def debug_enabled() -> bool:
-    """`grok-torch --debug ...` or GROK_TORCH_DEBUG=1: show tracebacks with the error line."""
-    if os.environ.get("GROK_TORCH_DEBUG", "") not in ("", "0"):
-        return True
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx and ctx.find_root().params.get("debug"))
-
-
-def as_user_error(err: BaseException) -> UserError:
-    """The one-line CLI error for an exception a user can cause (with the traceback first under --debug)."""
-    from convert.converter import ConversionInterrupted, OutOfSpaceError
-
-    if debug_enabled():
-        traceback.print_exception(err)
-    if isinstance(err, ConversionInterrupted):
-        return Interrupted(str(err))
-    if isinstance(err, KeyboardInterrupt):
-        return Interrupted("interrupted")
-    if isinstance(err, OutOfSpaceError):
-        return UserError(str(err), EXIT_NO_SPACE)
-    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return UserError(message)
-
-
-def _user_errors(command):
-    """Turn the errors a user can trigger into `error: ...` lines (exit codes above) instead of tracebacks."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except (ValueError, KeyError, OSError, KeyboardInterrupt) as err:  # CheckpointError, DestinationError, ...
-            raise as_user_error(err) from err
-
-    return wrapper
 
 
 @contextlib.contextmanager
@@ -132,12 +53,24 @@ def _config_for(src: Path, option: str | None) -> GrokConfig:
 
 
 def _size(ctx, param, value):
-    from convert.safetensors_io import parse_size
+    from convert.disk.safetensors_writer import parse_size
 
     try:
         return parse_size(value)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
+
+
+def _weights_option(weights: str, old_dtype: str | None) -> str:
+    """--weights, or its deprecated spelling --dtype (kept for one release, with a warning)."""
+    if old_dtype is None:
+        return weights
+    if weights != "int8" and weights != old_dtype:
+        raise UserError(f"--dtype {old_dtype} and --weights {weights} disagree: --dtype is the deprecated name of "
+                        f"--weights here; give only --weights")
+    click.echo("warning: convert --dtype is deprecated and will be removed; use --weights (the stored weight "
+               "format; --dtype is the compute dtype in every other command)", err=True)
+    return old_dtype
 
 
 _CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with upstream field names. "
@@ -148,9 +81,11 @@ _CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with u
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--config", "config_name", metavar="NAME|JSON", help=_CONFIG_HELP)
-@click.option("--dtype", type=click.Choice(["int8", "bf16", "fp32"]), default="int8", show_default=True,
-              help="int8: keep int8 weights + bf16 scales bit-exact. bf16: dequantize with upstream's "
-                   "rounding. fp32: the exact dequantized products.")
+@click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default="int8", show_default=True,
+              help="Stored weight format. int8: keep int8 weights + bf16 scales bit-exact. bf16: dequantize with "
+                   "upstream's rounding. fp32: the dequantized values upstream computes with.")
+@click.option("--dtype", "old_dtype", type=click.Choice(WEIGHT_FORMATS), default=None, hidden=True,
+              help="Deprecated name of --weights (--dtype is the compute dtype in every other command).")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size, metavar="SIZE",
               help="Largest safetensors shard: 5GB, 500MB, 1GiB or plain bytes.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it is a previous conversion output.")
@@ -161,8 +96,8 @@ _CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with u
               help="Skip the up-front check that DST's file system has room for the output (for file systems "
                    "that report free space wrongly).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
-@_user_errors
-def convert_cmd(src: Path, dst: Path, config_name: str | None, dtype: str, max_shard_size: int,
+@cli_errors
+def convert_cmd(src: Path, dst: Path, config_name: str | None, weights: str, old_dtype: str | None, max_shard_size: int,
                 overwrite: bool, resume: bool, space_check: bool, progress: bool | None) -> None:
     """Convert the official Grok-1 checkpoint SRC (a directory holding ckpt-0/, or ckpt-0 itself) into
     DST: sharded safetensors in grok_torch names and layout, plus config.json.
@@ -175,9 +110,10 @@ def convert_cmd(src: Path, dst: Path, config_name: str | None, dtype: str, max_s
     """
     from convert.converter import convert_checkpoint
 
+    weights = _weights_option(weights, old_dtype)
     config = _config_for(src, config_name)
     with _sigterm_as_interrupt():
-        result = convert_checkpoint(src, dst, config, dtype=dtype, max_shard_size=max_shard_size,
+        result = convert_checkpoint(src, dst, config, weights=weights, max_shard_size=max_shard_size,
                                     overwrite=overwrite, progress=progress, resume=resume, check_space=space_check,
                                     log=lambda message: click.echo(message, err=True))
     reused = f" ({result.reused_shards} reused after checking)" if result.reused_shards else ""
@@ -188,7 +124,7 @@ def convert_cmd(src: Path, dst: Path, config_name: str | None, dtype: str, max_s
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_user_errors
+@cli_errors
 def inspect_cmd(path: Path, as_json: bool) -> None:
     """List every tensor of PATH - a raw checkpoint (ckpt-0) or a converted directory - with its kind,
     dtype, shape and bytes, and the totals. Reads metadata only."""
@@ -204,12 +140,11 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.option("--config", "config_name", metavar="NAME|JSON",
               help="Needed only to compare two raw checkpoints (default as for convert); with a converted "
                    "directory its config.json is used and --config, if given, must agree.")
-@_user_errors
+@cli_errors
 def verify_cmd(src: Path, dst: Path, config_name: str | None) -> None:
     """Re-read SRC and DST and check every tensor bit for bit: a raw checkpoint against its conversion
     (int8 exact, bf16/fp32 by upstream's dequantization rule), or two raw checkpoints, or two converted
     directories. Exit status 3 if anything differs."""
-    from convert.converter import is_converted_dir
     from convert.verify import verify
 
     both_raw = not is_converted_dir(src) and not is_converted_dir(dst)
@@ -227,14 +162,14 @@ def verify_cmd(src: Path, dst: Path, config_name: str | None) -> None:
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace DST if it only holds a ckpt-0 directory.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
-@_user_errors
+@cli_errors
 def export_upstream_cmd(src: Path, dst: Path, overwrite: bool, progress: bool | None) -> None:
     """Write the converted directory SRC back in the official layout, DST/ckpt-0/tensor00000_000 ...
 
     int8 weights become upstream's pickled QuantizedWeight8bit (byte-identical to the original files for
     an int8 conversion); bf16/fp32 directories give plain float arrays, which upstream's MoE does not run.
     """
-    from convert.export_upstream import export_upstream
+    from convert.upstream.export import export_upstream
 
     result = export_upstream(src, dst, overwrite=overwrite, progress=progress)
     note = (f"; {result.plain_linear} linear weight(s) written unquantized (upstream's MoE runs only "

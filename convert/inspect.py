@@ -15,10 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.converter import is_converted_dir, read_converted_config
-from convert.param_names import checkpoint_layout
-from convert.raw_checkpoint import TENSOR_FILE, CheckpointError, resolve_ckpt_dir, scan_tensor_file
-from convert.safetensors_io import list_safetensors_dir
+from convert.upstream.param_names import checkpoint_layout
+from convert.upstream.raw_checkpoint import TENSOR_FILE, resolve_ckpt_dir
+from convert.upstream.tensor_file import CheckpointError, scan_tensor_file
+from grok_torch.converted_dir import ConvertedDir, is_converted_dir
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,8 @@ def _natural_key(name: str) -> list[object]:
 
 
 def inspect_converted(path: str | os.PathLike) -> InspectReport:
-    directory = Path(path)
-    weight_format = read_converted_config(directory)["weight_format"]
-    stored = list_safetensors_dir(directory)
+    opened = ConvertedDir(path)
+    directory, weight_format, stored = opened.path, opened.config.weight_format, opened.tensors
     rows = []
     for name in sorted(stored, key=_natural_key):
         tensor = stored[name]

@@ -2,12 +2,14 @@
 
 `verify(a, b)` takes any two of: a raw checkpoint, a converted directory.
 
-- raw and converted (either order): each converted tensor must equal what `convert.converter` computes from
-  the raw parameter for the directory's weight format: int8 weights and bf16 scales bit-exact,
-  bf16 = `bf16(int8 * scales)` (upstream's dequantization), fp32 = the values upstream computes with
-  (that rounding widened, the exact product for the MoE down projection), plain
-  tensors bit-exact (or rounded once, for a float weight in another float format). Missing and unexpected
-  tensors, and a wrong `quantized` map in config.json, are mismatches too.
+- raw and converted (either order): each converted tensor must equal what the format promises for the
+  directory's weight format, computed here from the raw arrays with numpy, in upstream's own (haiku)
+  layout, by code that shares nothing with the converter's rendering (`convert.plan`, the blocked
+  transposes of `convert.disk.blocks`): int8 weights and bf16 scales bit-exact, bf16 = `bf16(int8 *
+  scales)` (upstream's dequantization), fp32 = the values upstream computes with (that rounding widened,
+  the exact product for the MoE down projection), plain tensors bit-exact (or rounded once, for a float
+  weight in another float format). The converted side is read through the safetensors library. Missing
+  and unexpected tensors, and a wrong `quantized` map in config.json, are mismatches too.
 - raw and raw (e.g. an original and its export-upstream round trip): every file's kind, dtypes, shapes and
   data bytes equal (needs the config).
 - converted and converted: the same tensor names, dtypes, shapes and bytes.
@@ -18,22 +20,29 @@ memory stays about one raw parameter plus one block.
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+import ml_dtypes
 import numpy as np
 
-from convert.blocks import CHUNK_BYTES, block_indices
-from convert.converter import OutputTensor, is_converted_dir, plan_from_info, read_converted_config
-from convert.raw_checkpoint import is_raw_checkpoint, numpy_dtype, read_tensor_file, validate_raw_checkpoint
-from convert.safetensors_io import StoredTensor, list_safetensors_dir, map_tensor
+from convert.disk.blocks import CHUNK_BYTES, block_indices
+from convert.upstream.param_names import ParamEntry
+from convert.upstream.quantized import QuantizedWeight8bit
+from convert.upstream.raw_checkpoint import is_raw_checkpoint, validate_raw_checkpoint
+from convert.upstream.tensor_file import TensorFileInfo, read_tensor_file
+from grok_torch.converted_dir import ConvertedDir, StoredTensor, is_converted_dir
+from grok_torch.dtypes import numpy_dtype
 
 if TYPE_CHECKING:
     from grok_torch.config import GrokConfig
 
 _RULES = {"copy": "the source tensor (bit-exact)", "cast": "the source rounded once to the output dtype",
           "dequantize": "int8 weight x bf16 scales (upstream's dequantization)"}
+_FLOAT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def _bit_differences(expected: np.ndarray, actual: np.ndarray) -> int:
@@ -50,49 +59,113 @@ def _describe(dtype: str, shape: tuple[int, ...]) -> str:
     return f"{dtype}{list(shape)}"
 
 
-def _check_output(out: OutputTensor, value, stored: StoredTensor | None, chunk_bytes: int) -> str | None:
+# ---- what the format promises, from the raw arrays ----------------------------------------------------------
+
+def _haiku_index(entry: ParamEntry, torch_index: tuple) -> tuple:
+    """The haiku-layout index of a block of the torch-layout tensor. Every layout change of the format is an
+    identity or a swap of the last two axes (haiku [..., in, out] -> torch [..., out, in]), so a block of
+    torch rows (*lead, rows) is (*lead, all inputs, those outputs) upstream."""
+    if entry.rule.layout == "identity":
+        return torch_index
+    *lead, rows = torch_index
+    return (*lead, slice(None), rows)
+
+
+def _to_torch_block(block: np.ndarray, entry: ParamEntry) -> np.ndarray:
+    return block if entry.rule.layout == "identity" else np.swapaxes(block, -1, -2)
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """One tensor the directory must hold: its name, dtype and shape, and how to compute a block of it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    rule: str  # a key of _RULES
+    block: Callable[[tuple], np.ndarray]  # torch-layout index -> expected block
+
+
+def _dequantized(weight: np.ndarray, scales: np.ndarray, exact: bool) -> np.ndarray:
+    """haiku int8 [..., in, out] x bf16 scales [..., G, out] -> float32 [..., in, out]: each of the G
+    contiguous groups of input rows times its scale row; exact in fp32, rounded once to bf16 unless `exact`."""
+    *lead, n_in, n_out = weight.shape
+    groups = scales.shape[-2]
+    grouped = weight.astype(np.float32).reshape(*lead, groups, n_in // groups, n_out)
+    product = (grouped * scales.astype(np.float32)[..., :, None, :]).reshape(*lead, n_in, n_out)
+    return product if exact else product.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _expected_tensors(entry: ParamEntry, info: TensorFileInfo, value, weight_format: str) -> list[_Expected]:
+    """The tensors a `weight_format` conversion makes of one raw parameter, per grok_torch.converted_dir."""
+    torch_shape = entry.torch_shape
+
+    def of(array: np.ndarray, dtype: str) -> Callable[[tuple], np.ndarray]:
+        return lambda index: _to_torch_block(array[_haiku_index(entry, index)], entry).astype(numpy_dtype(dtype))
+
+    if isinstance(value, QuantizedWeight8bit):
+        if weight_format == "int8":
+            scales_shape = entry.torch_scales_shape
+            return [_Expected(entry.torch_name, "int8", torch_shape, "copy", of(value.weight, "int8")),
+                    _Expected(entry.torch_scales_name, "bfloat16", scales_shape, "copy", of(value.scales, "bfloat16"))]
+        dtype = _FLOAT_DTYPES[weight_format]
+        # fp32 holds the values upstream computes with: bf16(int8 x scale), except the exact product that
+        # its MoE down projection uses; bf16 holds bf16(int8 x scale) everywhere.
+        exact = weight_format == "fp32" and not entry.rule.dequant_rounds_to_bf16
+
+        def dequantized(index: tuple) -> np.ndarray:
+            haiku = _haiku_index(entry, index)
+            # scales [..., G, out] are indexed like the weight [..., in, out]: all groups, those outputs
+            product = _dequantized(value.weight[haiku], value.scales[haiku], exact)
+            return _to_torch_block(product, entry).astype(numpy_dtype(dtype))
+
+        return [_Expected(entry.torch_name, dtype, torch_shape, "dequantize", dequantized)]
+    dtype = info.dtype
+    if entry.quantizable and weight_format != "int8":
+        dtype = _FLOAT_DTYPES[weight_format]
+    return [_Expected(entry.torch_name, dtype, torch_shape, "copy" if dtype == info.dtype else "cast", of(value, dtype))]
+
+
+def _check(expected: _Expected, directory: ConvertedDir, haiku_name: str, chunk_bytes: int) -> str | None:
+    stored: StoredTensor | None = directory.tensors.get(expected.name)
     if stored is None:
-        return f"tensor {out.name}: missing (expected {_describe(out.dtype, out.shape)})"
-    if (stored.dtype, stored.shape) != (out.dtype, out.shape):
-        return (f"tensor {out.name}: stored {_describe(stored.dtype, stored.shape)}, expected "
-                f"{_describe(out.dtype, out.shape)}")
-    mapped = map_tensor(stored)
-    itemsize = numpy_dtype(out.dtype).itemsize
-    differ = sum(_bit_differences(out.render(value, index), mapped[index])
-                 for index in block_indices(out.shape, itemsize, chunk_bytes))
+        return f"tensor {expected.name}: missing (expected {_describe(expected.dtype, expected.shape)})"
+    if (stored.dtype, stored.shape) != (expected.dtype, expected.shape):
+        return (f"tensor {expected.name}: stored {_describe(stored.dtype, stored.shape)}, expected "
+                f"{_describe(expected.dtype, expected.shape)}")
+    itemsize = numpy_dtype(expected.dtype).itemsize
+    differ = sum(_bit_differences(expected.block(index), directory.block(expected.name, index))
+                 for index in block_indices(expected.shape, itemsize, chunk_bytes))
     if differ:
-        return (f"tensor {out.name}: {differ} of {int(np.prod(out.shape))} elements differ from "
-                f"{_RULES[out.op]} of {out.entry.haiku_name}")
+        return (f"tensor {expected.name}: {differ} of {math.prod(expected.shape)} elements differ from "
+                f"{_RULES[expected.rule]} of {haiku_name}")
     return None
 
 
 def _verify_conversion(raw: Path, converted: Path, config: "GrokConfig | None", chunk_bytes: int) -> list[str]:
-    from grok_torch.config import GrokConfig
-
-    values = read_converted_config(converted)
-    stored_config = GrokConfig.from_dict(values["grok_config"])
+    directory = ConvertedDir(converted)
+    stored_config = directory.config.config
     mismatches = []
     if config is not None and config != stored_config:
         mismatches.append(f"{converted}/config.json: grok_config differs from the config given")
-    weight_format = values["weight_format"]
-    stored = list_safetensors_dir(converted)
+    weight_format = directory.config.weight_format
     expected_names, quantized = set(), {}
     for entry, info in validate_raw_checkpoint(raw, stored_config):
-        outputs = plan_from_info(entry, info, weight_format)
         value = read_tensor_file(info.path, info)
-        for out in outputs:
-            expected_names.add(out.name)
-            problem = _check_output(out, value, stored.get(out.name), chunk_bytes)
+        expected = _expected_tensors(entry, info, value, weight_format)
+        for tensor in expected:
+            expected_names.add(tensor.name)
+            problem = _check(tensor, directory, entry.haiku_name, chunk_bytes)
             if problem:
                 mismatches.append(problem)
         if entry.quantizable:
-            quantized[entry.torch_name] = any(out.role == "scales" for out in outputs)
+            quantized[entry.torch_name] = len(expected) == 2
         del value
     mismatches += [f"tensor {name}: unexpected (not produced from the raw checkpoint)"
-                   for name in sorted(set(stored) - expected_names)]
-    if values.get("quantized") != quantized:
-        wrong = sorted(n for n in set(quantized) | set(values.get("quantized") or {})
-                       if (values.get("quantized") or {}).get(n) != quantized.get(n))
+                   for name in sorted(set(directory.tensors) - expected_names)]
+    stored_quantized = directory.config.quantized
+    if stored_quantized != quantized:
+        wrong = sorted(n for n in set(quantized) | set(stored_quantized) if stored_quantized.get(n) != quantized.get(n))
         mismatches.append(f"{converted}/config.json: \"quantized\" is wrong for {', '.join(wrong[:5])}")
     return mismatches
 
@@ -114,7 +187,8 @@ def _verify_raw_pair(a: Path, b: Path, config: "GrokConfig") -> list[str]:
 
 
 def _verify_converted_pair(a: Path, b: Path, chunk_bytes: int) -> list[str]:
-    stored_a, stored_b = list_safetensors_dir(a), list_safetensors_dir(b)
+    dir_a, dir_b = ConvertedDir(a), ConvertedDir(b)
+    stored_a, stored_b = dir_a.tensors, dir_b.tensors
     mismatches = [f"tensor {n}: missing from {b}" for n in sorted(set(stored_a) - set(stored_b))]
     mismatches += [f"tensor {n}: unexpected in {b}" for n in sorted(set(stored_b) - set(stored_a))]
     for name in sorted(set(stored_a) & set(stored_b)):
@@ -122,9 +196,9 @@ def _verify_converted_pair(a: Path, b: Path, chunk_bytes: int) -> list[str]:
         if (ta.dtype, ta.shape) != (tb.dtype, tb.shape):
             mismatches.append(f"tensor {name}: {_describe(tb.dtype, tb.shape)}, expected {_describe(ta.dtype, ta.shape)}")
             continue
-        ma, mb = map_tensor(ta), map_tensor(tb)
-        itemsize = ma.dtype.itemsize
-        differ = sum(_bit_differences(ma[i], mb[i]) for i in block_indices(ta.shape, itemsize, chunk_bytes))
+        itemsize = numpy_dtype(ta.dtype).itemsize
+        differ = sum(_bit_differences(dir_a.block(name, i), dir_b.block(name, i))
+                     for i in block_indices(ta.shape, itemsize, chunk_bytes))
         if differ:
             mismatches.append(f"tensor {name}: {differ} elements differ")
     return mismatches

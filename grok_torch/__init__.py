@@ -13,7 +13,7 @@ from grok_torch.config import GrokConfig
 
 _LAZY = {
     "Grok": "grok_torch.model", "KVCache": "grok_torch.model",
-    "load": "grok_torch.loading", "LoadError": "grok_torch.loading",
+    "load": "grok_torch.loading", "from_state_dict": "grok_torch.loading", "LoadError": "grok_torch.converted_dir",
     "generate": "grok_torch.generation", "GenerationResult": "grok_torch.generation",
     "GenerationError": "grok_torch.generation",
     "Tokenizer": "grok_torch.tokenizer", "TokenizerError": "grok_torch.tokenizer",
@@ -23,7 +23,8 @@ __all__ = ["GrokConfig", *_LAZY]
 
 if TYPE_CHECKING:
     from grok_torch.generation import GenerationError, GenerationResult, generate
-    from grok_torch.loading import LoadError, load
+    from grok_torch.converted_dir import LoadError
+    from grok_torch.loading import from_state_dict, load
     from grok_torch.model import Grok, KVCache
     from grok_torch.tokenizer import Tokenizer, TokenizerError
 

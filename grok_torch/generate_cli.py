@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from convert.cli import UserError
+from grok_torch.errors import UserError, cli_errors
 
 DEFAULT_TOKENIZER = "tokenizer.model"
 
@@ -31,6 +31,7 @@ DEFAULT_TOKENIZER = "tokenizer.model"
               help="Compute dtype (bf16 is upstream's).")
 @click.option("--truncate", is_flag=True,
               help="Left-truncate prompts too long for the model's sequence_len instead of refusing them.")
+@cli_errors
 def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, tokenizer_path: Path | None, weights: str, dtype: str, truncate: bool) -> None:
     """Continue each --prompt with the model in the converted directory PATH.
@@ -39,7 +40,7 @@ def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
     finishes. A closing line gives the prefill and decode speeds in tokens/s.
     """
     import grok_torch
-    from grok_torch.generation import GenerationError, PromptTruncatedWarning, fit_prompts, generate
+    from grok_torch.generation import PromptTruncatedWarning, fit_prompts, generate
     from grok_torch.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
     if not path.is_dir():
@@ -49,20 +50,13 @@ def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
     except TokenizerError as err:
         hint = "" if tokenizer_path is not None else " (pass --tokenizer FILE: the release's tokenizer.model)"
         raise UserError(f"{err}{hint}") from None
-    try:
-        model = grok_torch.load(path, weights=weights, dtype=dtype)
-        tokenizer.check_model_vocab(model.config.vocab_size)
-    except (ValueError, OSError) as err:  # LoadError, TokenizerError, a bad config.json
-        raise UserError(str(err)) from None
+    model = grok_torch.load(path, weights=weights, dtype=dtype)
+    tokenizer.check_model_vocab(model.config.vocab_size)
 
     encoded = [tokenizer.encode(text) for text in prompts]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PromptTruncatedWarning)
-        try:
-            fitted = fit_prompts(encoded, max_new_tokens, model.config.sequence_len, model.config.vocab_size,
-                                 truncate)
-        except GenerationError as err:
-            raise UserError(str(err)) from None
+        fitted = fit_prompts(encoded, max_new_tokens, model.config.sequence_len, model.config.vocab_size, truncate)
     for warning in caught:
         click.echo(f"Warning: {warning.message}", err=True)
 
@@ -82,9 +76,6 @@ def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
 
     if single:
         click.echo(tokenizer.decode(fitted[0]), nl=False)
-    try:
-        result = generate(model, fitted, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, on_token=on_token, on_finish=on_finish)
-    except GenerationError as err:
-        raise UserError(str(err)) from None
+    result = generate(model, fitted, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      seed=seed, on_token=on_token, on_finish=on_finish)
     click.echo(result.stats.summary())

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int8, BFloat16
 from torch import Tensor, nn
 
-WEIGHT_FORMATS = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHT_DTYPES = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def dequantize(weight: Int8[Tensor, "*stack out inp"], scales: BFloat16[Tensor, "*stack out groups"],
@@ -52,8 +52,8 @@ class Linear(nn.Module):
                  device: torch.device | str | None = None):
         super().__init__()
         self.dequant_rounds_to_bf16 = dequant_rounds_to_bf16
-        if weights not in WEIGHT_FORMATS:
-            raise ValueError(f"weights must be one of {sorted(WEIGHT_FORMATS)}, got {weights!r}")
+        if weights not in WEIGHT_DTYPES:
+            raise ValueError(f"weights must be one of {sorted(WEIGHT_DTYPES)}, got {weights!r}")
         if in_features % scale_groups:
             raise ValueError(f"in_features={in_features} is not divisible by scale_groups={scale_groups}")
         self.in_features, self.out_features = in_features, out_features
@@ -65,7 +65,7 @@ class Linear(nn.Module):
             self.register_buffer("scales", torch.zeros((*stack, out_features, scale_groups),
                                                        dtype=torch.bfloat16, device=device))
         else:
-            self.weight = nn.Parameter(torch.zeros(shape, dtype=WEIGHT_FORMATS[weights], device=device))
+            self.weight = nn.Parameter(torch.zeros(shape, dtype=WEIGHT_DTYPES[weights], device=device))
             self.scales = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -176,7 +176,7 @@ class MoE(nn.Module):
         self.router = Linear(d, e, weights="fp32", device=device)  # routing is fp32 upstream
         self.gate_proj = Linear(d, f, weights=weights, stack=(e,), device=device)  # haiku `linear`
         self.up_proj = Linear(d, f, weights=weights, stack=(e,), device=device)  # haiku `linear_v`
-        # haiku `linear_1`; upstream keeps its dequantized product exact (see convert.param_names).
+        # haiku `linear_1`; upstream keeps its dequantized product exact (see convert.upstream.param_names).
         self.down_proj = Linear(f, d, weights=weights, stack=(e,), scale_groups=config.model_shards,
                                 dequant_rounds_to_bf16=False, device=device)
 

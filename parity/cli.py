@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from convert.cli import UserError
+from grok_torch.errors import cli_errors
 
 
 @click.command("parity")
@@ -26,6 +26,7 @@ from convert.cli import UserError
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Draw the per-layer error (log scale) as a PNG.")
+@cli_errors
 def parity_cmd(config_name, dtype, seed, seq_len, quantize_attention, quantize_moe, golden_dir, json_path, plot_path):
     """Run grok_torch and a reference on the same weights and tokens and compare every layer.
 
@@ -38,15 +39,12 @@ def parity_cmd(config_name, dtype, seed, seq_len, quantize_attention, quantize_m
     from parity.harness import run_golden, run_parity
     from parity.report import format_report, plot_report, write_json
 
-    try:
-        if golden_dir:
-            report = run_golden(golden_dir)
-        else:
-            config = GrokConfig.resolve(config_name)
-            report = run_parity(config, dtype=dtype, seed=seed, seq_len=seq_len,
-                                quantize_attention=quantize_attention, quantize_moe=quantize_moe)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        raise UserError(str(err)) from err
+    if golden_dir:
+        report = run_golden(golden_dir)
+    else:
+        config = GrokConfig.resolve(config_name)
+        report = run_parity(config, dtype=dtype, seed=seed, seq_len=seq_len,
+                            quantize_attention=quantize_attention, quantize_moe=quantize_moe)
     click.echo(format_report(report))
     if json_path:
         write_json(report, json_path)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from grok_torch.config import GrokConfig
+from grok_torch.loading import from_state_dict
 from grok_torch.model import COMPUTE_DTYPES, Grok
 from parity.compare import (AFTER_EXPERT_CHOICE, TensorComparison, compare_experts, compare_tensor,
                             distribution_agreement, forward_order)
@@ -171,13 +172,6 @@ def _check_model(model: Grok, config: GrokConfig, dtype: str, purpose: str) -> N
         raise ValueError(f"{purpose} needs {config} in {dtype}, not {model.config} in {model.dtype}")
 
 
-def build_model(state: dict[str, torch.Tensor], config: GrokConfig, dtype: str) -> Grok:
-    """A grok_torch model holding exactly `state` (each linear int8 or float, as `state` has it)."""
-    model = Grok(config, weights="int8", dtype=dtype, device="meta")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
 # ---- the two sources of truth ---------------------------------------------------------------------
 
 def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quantize_attention: bool = True,
@@ -191,7 +185,7 @@ def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quanti
     from `params`. `model_hook(model)`, if given, may alter the torch model before the comparison
     (used to check that injected bugs are caught).
     """
-    from convert.state_dict import haiku_tree_to_state_dict
+    from convert.upstream.tree import haiku_tree_to_state_dict
     from parity.init import init_params
     from parity.reference import reference_forward
 
@@ -205,7 +199,7 @@ def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quanti
     _, ref = reference_forward(params, tokens, config, fprop_dtype=dtype, capture=True)
     timings["reference_s"] = time.perf_counter() - start
     if model is None:
-        model = build_model(haiku_tree_to_state_dict(params, config), config, dtype)
+        model = from_state_dict(haiku_tree_to_state_dict(params, config), config, dtype=dtype)
     else:
         _check_model(model, config, dtype, "parity")
     if model_hook is not None:
@@ -220,8 +214,8 @@ def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quanti
 
 def load_golden(golden_dir: str | Path) -> tuple[GrokConfig, dict[str, torch.Tensor], np.ndarray, dict[str, np.ndarray]]:
     """A golden directory: config.json (upstream names), ckpt-0/ (official format), reference.npz."""
-    from convert.raw_checkpoint import read_raw_checkpoint
-    from convert.state_dict import haiku_tree_to_state_dict
+    from convert.upstream.raw_checkpoint import read_raw_checkpoint
+    from convert.upstream.tree import haiku_tree_to_state_dict
 
     golden_dir = Path(golden_dir)
     for required in ("config.json", "ckpt-0", "reference.npz"):
@@ -243,7 +237,7 @@ def run_golden(golden_dir: str | Path, *, state: dict[str, torch.Tensor] | None 
     """
     config, golden_state, tokens, ref = load_golden(golden_dir)
     if model is None:
-        model = build_model(state if state is not None else golden_state, config, "bf16")
+        model = from_state_dict(state if state is not None else golden_state, config, dtype="bf16")
     else:
         _check_model(model, config, "bf16", "the golden run")
     if model_hook is not None:

@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from convert.param_names import checkpoint_layout
-from convert.quantized import QuantizedWeight8bit, quantize_int8
+from convert.upstream.param_names import checkpoint_layout
+from convert.upstream.quantized import QuantizedWeight8bit, quantize_int8
 from grok_torch.config import GrokConfig
 
 EMBED_STD = 0.1

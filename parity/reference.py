@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.quantized import QuantizedWeight8bit
+from convert.upstream.quantized import QuantizedWeight8bit
 from grok_torch.config import GrokConfig
 
 F32, BF16 = jnp.float32, jnp.bfloat16

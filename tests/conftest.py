@@ -16,9 +16,7 @@ with install_import_hook("grok_torch", "beartype.beartype"):
     import grok_torch.loading  # noqa: F401
     import grok_torch.tokenizer  # noqa: F401
 
-ASSETS = Path(__file__).parent / "assets"
-GOLDEN_DIR = ASSETS / "golden-12l"
-TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "grok1" / "tokenizer.model"
+from support.paths import GOLDEN_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +27,7 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
     """A writable copy of the golden checkpoint (ckpt-0 + config.json), one per test module."""
-    from helpers_ckpt import copy_golden_with_config
+    from support.checkpoints import copy_golden_with_config
 
     return copy_golden_with_config(tmp_path_factory.mktemp("src"))
 
@@ -37,6 +35,6 @@ def src(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def src_sums(src) -> dict[str, str]:
     """sha256 of every file of `src` before any test touches it."""
-    from helpers_ckpt import sha256_tree
+    from support.checkpoints import sha256_tree
 
     return sha256_tree(src)

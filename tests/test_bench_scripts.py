@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.param_names import checkpoint_layout
-from convert.raw_checkpoint import read_raw_checkpoint, validate_raw_checkpoint
-from convert.quantized import QuantizedWeight8bit
+from convert.upstream.param_names import checkpoint_layout
+from convert.upstream.raw_checkpoint import read_raw_checkpoint, validate_raw_checkpoint
+from convert.upstream.quantized import QuantizedWeight8bit
 from grok_torch.config import GrokConfig
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -156,13 +156,13 @@ def test_dense_dispatch_matches_sparse_and_a_wrong_one_is_caught():
 
     import torch
 
-    from convert.state_dict import haiku_tree_to_state_dict
-    from parity.harness import build_model
+    from convert.upstream.tree import haiku_tree_to_state_dict
+    from grok_torch.loading import from_state_dict
     from parity.init import init_params
 
     bench = load_bench_module()
     config = GrokConfig.from_name("tiny")
-    model = build_model(haiku_tree_to_state_dict(init_params(config, seed=2), config), config, "bf16")
+    model = from_state_dict(haiku_tree_to_state_dict(init_params(config, seed=2), config), config, dtype="bf16")
     tokens = torch.randint(1, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         sparse = [layer.moe(x) for layer, x in zip(model.layers, _moe_inputs(model, tokens))]

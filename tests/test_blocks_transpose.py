@@ -1,4 +1,4 @@
-"""convert.blocks.contiguous: the word-wise transposes (torch and numpy) against numpy's own copy."""
+"""convert.disk.blocks.contiguous: the word-wise transposes (torch and numpy) against numpy's own copy."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import convert.blocks as blocks
-from convert.blocks import block_indices, contiguous
+import convert.disk.blocks as blocks
+from convert.disk.blocks import block_indices, contiguous
 
 DTYPES = (np.int8, np.uint8, ml_dtypes.bfloat16, np.int16, np.float32, np.float64)
 SHAPES = ((8, 8), (16, 24), (9, 17), (3, 5), (64, 48), (7, 8), (8, 7), (2, 40, 56), (3, 33, 65), (2, 344, 64),
@@ -52,7 +52,7 @@ def test_blocks_start_on_whole_word_groups():
 
 def test_copies_made_in_a_scratch_buffer_reuse_its_memory():
     """The converter's blocks are made in one reused buffer: same bytes as a new copy, in the same memory."""
-    from convert.blocks import Scratch
+    from convert.disk.blocks import Scratch
 
     scratch = Scratch()
     rng = np.random.default_rng(2)

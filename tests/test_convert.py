@@ -11,16 +11,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from convert.converter import convert_checkpoint, convert_param, plan_param
+from convert.converter import convert_checkpoint
+from convert.disk.output_dir import DestinationError
+from convert.disk.safetensors_writer import TensorToWrite, parse_size, plan_shards
 from convert.inspect import inspect
-from convert.output_dir import DestinationError
-from convert.param_names import checkpoint_layout
-from convert.quantized import QuantizedWeight8bit
-from convert.raw_checkpoint import CheckpointError, read_raw_checkpoint, validate_raw_checkpoint
-from convert.safetensors_io import (INDEX_FILE, TensorToWrite, list_safetensors_dir, load_tensor, parse_size,
-                                    plan_shards, read_safetensors_header)
+from convert.plan import convert_param, plan_param
+from convert.upstream.param_names import checkpoint_layout
+from convert.upstream.quantized import QuantizedWeight8bit
+from convert.upstream.raw_checkpoint import read_raw_checkpoint, validate_raw_checkpoint
+from convert.upstream.tensor_file import CheckpointError
 from convert.verify import verify
-from helpers_ckpt import GOLDEN_DIR, SystemCall, copy_golden, entry_index, golden_config, replace_tensor
+from grok_torch.converted_dir import INDEX_FILE, ConvertedDir
+from support.safetensors_bytes import tensor_byte_range
+from support.checkpoints import GOLDEN_DIR, SystemCall, copy_golden, entry_index, golden_config, replace_tensor
 
 BF16 = ml_dtypes.bfloat16
 
@@ -39,7 +42,7 @@ def raw(config):
 def converted(tmp_path_factory, config):
     """The golden checkpoint converted to each format (int8 sharded small, to exercise sharding)."""
     root = tmp_path_factory.mktemp("converted")
-    return {fmt: convert_checkpoint(GOLDEN_DIR, root / fmt, config, dtype=fmt,
+    return {fmt: convert_checkpoint(GOLDEN_DIR, root / fmt, config, weights=fmt,
                                     max_shard_size=parse_size("1MB") if fmt == "int8" else parse_size("5GB")).dst
             for fmt in ("int8", "bf16", "fp32")}
 
@@ -183,13 +186,13 @@ def test_plain_float_linear_weights(tmp_path, config):
     index = entry_index(config, "transformer/decoder_layer_4/multi_head_attention/value/w")
     plain = np.random.default_rng(0).standard_normal((config.emb_size, 128)).astype(np.float32)
     replace_tensor(root, index, plain)
-    out = convert_checkpoint(root, tmp_path / "int8", config, dtype="int8").dst
+    out = convert_checkpoint(root, tmp_path / "int8", config, weights="int8").dst
     tensors = _read_all(out)
     assert "layers.4.attn.v_proj.scales" not in tensors
     assert _as_numpy(tensors["layers.4.attn.v_proj.weight"]).tobytes() == np.ascontiguousarray(plain.T).tobytes()
     quantized = json.loads((out / "config.json").read_text())["quantized"]
     assert quantized["layers.4.attn.v_proj.weight"] is False and quantized["layers.4.attn.k_proj.weight"] is True
-    bf16 = _read_all(convert_checkpoint(root, tmp_path / "bf16", config, dtype="bf16").dst)
+    bf16 = _read_all(convert_checkpoint(root, tmp_path / "bf16", config, weights="bf16").dst)
     assert _as_numpy(bf16["layers.4.attn.v_proj.weight"]).tobytes() == plain.T.astype(BF16).tobytes()
     assert verify(root, out) == [] and verify(root, tmp_path / "bf16") == []
 
@@ -202,10 +205,11 @@ def test_small_shards_and_a_consistent_index(converted, config):
     shards = sorted(p.name for p in directory.glob("*.safetensors"))
     assert len(shards) > 3 and shards == sorted(set(index["weight_map"].values()))
     assert all(name.endswith(f"-of-{len(shards):05d}.safetensors") for name in shards)
-    stored = list_safetensors_dir(directory)
-    assert index["metadata"]["total_size"] == sum(t.nbytes for t in stored.values())
+    opened = ConvertedDir(directory)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in opened.tensors.values())
     for name in shards:
-        metadata, tensors = read_safetensors_header(directory / name)
+        metadata = opened.shard_metadata[name]
+        tensors = {t.name: t for t in opened.tensors.values() if t.file.name == name}
         assert metadata["weight_format"] == "int8" and metadata["format"] == "pt"
         assert metadata["source"].endswith("ckpt-0") and metadata["grok_torch_version"]
         data = sum(t.nbytes for t in tensors.values())
@@ -233,11 +237,13 @@ def test_parse_size():
             parse_size(bad)
 
 
-def test_load_tensor_reads_what_safetensors_reads(converted):
-    stored = list_safetensors_dir(converted["bf16"])
+def test_converted_dir_blocks_read_what_safetensors_reads(converted):
+    opened = ConvertedDir(converted["bf16"])
     reference = _read_all(converted["bf16"])
     for name in ("embedding.weight", "layers.7.moe.up_proj.weight", "layers.0.attn.o_proj.weight"):
-        assert load_tensor(stored[name]).tobytes() == _as_numpy(reference[name]).tobytes()
+        assert opened.block(name).tobytes() == _as_numpy(reference[name]).tobytes()
+        assert opened.block(name, (1, slice(2, 5))).tobytes() == _as_numpy(reference[name][1, 2:5]).tobytes()
+        assert opened.block(name).dtype == (BF16 if reference[name].dtype == torch.bfloat16 else np.float32)
 
 
 # ---- atomic output ----------------------------------------------------------------------------------------
@@ -256,8 +262,8 @@ def test_existing_destination_is_refused_unless_overwrite(tmp_path, config):
         convert_checkpoint(GOLDEN_DIR, dst, config, overwrite=True)
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
     (dst / "keep.txt").unlink()
-    convert_checkpoint(GOLDEN_DIR, dst, config, dtype="bf16")
-    convert_checkpoint(GOLDEN_DIR, dst, config, dtype="int8", overwrite=True)  # replaces a previous output
+    convert_checkpoint(GOLDEN_DIR, dst, config, weights="bf16")
+    convert_checkpoint(GOLDEN_DIR, dst, config, weights="int8", overwrite=True)  # replaces a previous output
     assert json.loads((dst / "config.json").read_text())["weight_format"] == "int8"
     assert oct(dst.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
     assert _leftovers(tmp_path) == []
@@ -343,11 +349,12 @@ def test_verify_names_a_corrupted_tensor(tmp_path, converted):
 
     directory = tmp_path / "copy"
     shutil.copytree(converted["bf16"], directory)
-    target = list_safetensors_dir(directory)["layers.3.moe.gate_proj.weight"]
+    target = ConvertedDir(directory).tensors["layers.3.moe.gate_proj.weight"]
+    offset, _ = tensor_byte_range(target.file, target.name)
     with open(target.file, "r+b") as f:
-        f.seek(target.offset + 1001)
+        f.seek(offset + 1001)
         byte = f.read(1)
-        f.seek(target.offset + 1001)
+        f.seek(offset + 1001)
         f.write(bytes([byte[0] ^ 0x01]))
     mismatches = verify(GOLDEN_DIR, directory)
     assert len(mismatches) == 1 and mismatches[0].startswith("tensor layers.3.moe.gate_proj.weight: 1 of")
@@ -355,11 +362,13 @@ def test_verify_names_a_corrupted_tensor(tmp_path, converted):
 
 
 def test_verify_reports_missing_and_unexpected_tensors(tmp_path, config):
-    from convert.safetensors_io import write_sharded_safetensors
+    from convert.disk.safetensors_writer import write_sharded_safetensors
 
     directory = tmp_path / "odd"
-    convert_checkpoint(GOLDEN_DIR, directory, config, dtype="bf16")
-    arrays = {name: load_tensor(t) for name, t in list_safetensors_dir(directory).items() if name != "norm.weight"}
+    convert_checkpoint(GOLDEN_DIR, directory, config, weights="bf16")
+    opened = ConvertedDir(directory)
+    arrays = {name: opened.block(name) for name in opened.tensors if name != "norm.weight"}
+    opened.close()
     for path in directory.glob("*.safetensors"):
         path.unlink()
     (directory / INDEX_FILE).unlink()

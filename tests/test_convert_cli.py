@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from convert.cli import COMMANDS, convert_cmd, export_upstream_cmd, inspect_cmd, verify_cmd
-from helpers_ckpt import GOLDEN_DIR, SystemCall, copy_golden
+from support.checkpoints import GOLDEN_DIR, SystemCall, copy_golden
 
 CONFIG = str(GOLDEN_DIR / "config.json")
 
@@ -151,7 +151,7 @@ def test_an_unexpected_error_is_one_line_too(tmp_path, monkeypatch):
 
 
 def test_exit_codes_are_documented():
-    from convert.cli import EXIT_CODES_HELP
+    from grok_torch.errors import EXIT_CODES_HELP
     from grok_torch.cli import main
 
     result = CliRunner().invoke(main, ["--help"])

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import convert.shard_file as shard_file
-from convert.cli import EXIT_NO_SPACE, convert_cmd
-from convert.converter import OutOfSpaceError, convert_checkpoint
-from helpers_ckpt import golden_config, sha256_tree
+import convert.disk.shard_file as shard_file
+from convert.cli import convert_cmd
+from convert.converter import convert_checkpoint
+from grok_torch.errors import EXIT_NO_SPACE, OutOfSpaceError
+from support.disk import FullDisk
+from support.checkpoints import golden_config, sha256_tree
 
 NEEDED = "7,483,392 bytes (7.5 MB)"  # the golden checkpoint in int8, 1 MB shards, in 4 KiB blocks
 
@@ -31,22 +33,6 @@ Usage = namedtuple("Usage", "total used free")
 
 def _report_free(monkeypatch, free: int) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(free * 10, free * 9, free))
-
-
-class _FullDisk:
-    """The shard writer's write system call on a disk that fills up after `budget` bytes (then ENOSPC, as the
-    kernel does: a short write first, then the error)."""
-
-    def __init__(self, budget: int):
-        self.left = budget
-
-    def write(self, fd: int, data) -> int:
-        if self.left == 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        data = memoryview(data).cast("B")
-        n = os.write(fd, data[:self.left])
-        self.left -= n
-        return n
 
 
 def _assert_clean(parent: Path) -> None:
@@ -73,7 +59,7 @@ def test_enough_space_passes_the_check(src, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("budget", [100, 2_500_000, 7_300_000])
 def test_disk_filling_up_while_writing_removes_the_partial_output(src, src_sums, tmp_path, monkeypatch, budget):
-    monkeypatch.setattr(shard_file, "_write", _FullDisk(budget).write)
+    monkeypatch.setattr(shard_file, "_write", FullDisk(budget).write)
     with pytest.raises(OutOfSpaceError) as err:
         convert_checkpoint(src, tmp_path / "out", golden_config(), max_shard_size=1_000_000)
     free = shutil.disk_usage(tmp_path).free
@@ -92,7 +78,7 @@ def test_cli_exit_code_and_one_line(src, src_sums, tmp_path, monkeypatch):
     assert result.exit_code == EXIT_NO_SPACE == 4
     assert result.stderr.splitlines()[-1].startswith("error: not enough free space on ")
     assert "Traceback" not in result.output
-    monkeypatch.setattr(shard_file, "_write", _FullDisk(3_000_000).write)
+    monkeypatch.setattr(shard_file, "_write", FullDisk(3_000_000).write)
     result = CliRunner().invoke(convert_cmd, [str(src), str(tmp_path / "out"), "--max-shard-size", "1MB",
                                               "--no-space-check"])
     assert result.exit_code == 4 and result.stderr.splitlines()[-1].startswith("error: out of disk space on ")

@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 
 from convert.converter import convert_checkpoint
-from convert.export_upstream import ExportError, export_upstream
-from convert.output_dir import DestinationError
-from convert.param_names import checkpoint_layout
-from convert.pickle_writer import write_array_pickle, write_quantized_pickle
-from convert.quantized import QuantizedWeight8bit, quantize_int8
-from convert.raw_checkpoint import read_raw_checkpoint, read_tensor_file, validate_raw_checkpoint
-from convert.state_dict import haiku_tree_to_state_dict
+from convert.upstream.export import ExportError, export_upstream
+from convert.disk.output_dir import DestinationError
+from convert.upstream.param_names import checkpoint_layout
+from convert.upstream.pickle_writer import write_array_pickle, write_quantized_pickle
+from convert.upstream.quantized import QuantizedWeight8bit, quantize_int8
+from convert.upstream.raw_checkpoint import read_raw_checkpoint, validate_raw_checkpoint
+from convert.upstream.tensor_file import read_tensor_file
+from convert.upstream.tree import haiku_tree_to_state_dict
 from convert.verify import verify
-from helpers_ckpt import GOLDEN_DIR, golden_config
+from support.checkpoints import GOLDEN_DIR, golden_config
 
 INDEX = json.loads((GOLDEN_DIR / "tensor_index.json").read_text())
 BF16 = ml_dtypes.bfloat16
@@ -86,14 +87,14 @@ def test_exported_pickles_load_under_upstreams_class(tmp_path, int8_dir, upstrea
 
 def test_float_directories_export_plain_arrays(tmp_path):
     config = golden_config()
-    bf16_dir = convert_checkpoint(GOLDEN_DIR, tmp_path / "bf16", config, dtype="bf16").dst
+    bf16_dir = convert_checkpoint(GOLDEN_DIR, tmp_path / "bf16", config, weights="bf16").dst
     result = export_upstream(bf16_dir, tmp_path / "export")
     assert (result.quantized, result.plain_linear) == (0, 7 * config.num_layers)
     pairs = validate_raw_checkpoint(tmp_path / "export", config)  # plain bf16 linears are a valid checkpoint
     assert {info.dtype for entry, info in pairs if entry.quantizable} == {"bfloat16"}
     assert {info.dtype for entry, info in pairs if not entry.quantizable} == {"float32"}
     # Converting the export again in bf16 reproduces the bf16 directory bit for bit.
-    convert_checkpoint(tmp_path / "export", tmp_path / "again", config, dtype="bf16")
+    convert_checkpoint(tmp_path / "export", tmp_path / "again", config, weights="bf16")
     assert verify(bf16_dir, tmp_path / "again") == []
 
 

@@ -11,46 +11,19 @@ from click.testing import CliRunner
 
 import grok_torch
 from grok_torch.cli import main
+from support.models import PROMPTS, random_model, write_converted
 from grok_torch.config import GrokConfig
 from grok_torch.generation import GenerationError, PromptTruncatedWarning, generate, left_pad
 from grok_torch.model import Grok
 
-from conftest import TOKENIZER
+from support.paths import TOKENIZER
 
 needs_tokenizer = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"the Grok-1 tokenizer is not at {TOKENIZER}")
-
-
-def random_model(config: GrokConfig, seed: int = 0) -> Grok:
-    """A tiny fp32 model with seeded random weights whose next token depends on its context.
-
-    Not parity.init's upstream-style init on purpose: with tied embeddings, naive random weights make
-    the embedding of the last token dominate the residual stream, and the model only ever repeats
-    it, which would make every check here vacuous (a cache bug could not change the output). Small
-    embeddings and large post-norm scales let attention and the experts decide.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    model = Grok(config, weights="fp32", dtype="fp32")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("post_attn_norm.weight", "post_moe_norm.weight")):
-                param.uniform_(5.0, 10.0, generator=generator)
-            elif name == "norm.weight":
-                param.uniform_(10.0, 20.0, generator=generator)
-            elif name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5, generator=generator)
-            elif name == "embedding.weight":
-                param.normal_(0.0, 0.01, generator=generator)
-            else:
-                param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]), generator=generator)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return random_model(GrokConfig.from_name("tiny", sequence_len=64))
-
-
-PROMPTS = [[5, 17, 300, 42, 7, 99, 12], [8, 400], [31, 32, 33, 34]]
 
 
 def greedy_by_recomputation(model, prompts, steps, eos):
@@ -203,14 +176,6 @@ def test_tokenizer_errors_name_the_path_and_the_numbers(tmp_path):
 
 
 # ---- command line ---------------------------------------------------------------------------------
-
-def write_converted(directory, model: Grok) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps({"grok_config": model.config.to_dict(), "weight_format": "fp32"}))
-
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):

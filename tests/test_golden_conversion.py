@@ -10,8 +10,8 @@ from convert.converter import convert_checkpoint
 from grok_torch.config import GrokConfig
 from parity.harness import load_golden, run_golden, torch_end_to_end
 
-from conftest import GOLDEN_DIR
-from helpers_ckpt import permute_layers_numeric
+from support.paths import GOLDEN_DIR
+from support.checkpoints import permute_layers_numeric
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def golden():
 def converted(tmp_path_factory, golden):
     config = golden[0]
     root = tmp_path_factory.mktemp("golden-converted")
-    return {fmt: convert_checkpoint(GOLDEN_DIR, root / fmt, config, dtype=fmt, progress=False).dst
+    return {fmt: convert_checkpoint(GOLDEN_DIR, root / fmt, config, weights=fmt, progress=False).dst
             for fmt in ("int8", "bf16", "fp32")}
 
 

@@ -31,10 +31,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convert.pickle_writer import write_array_pickle, write_quantized_pickle
-from convert.quantized import QuantizedWeight8bit
-from convert.raw_checkpoint import CheckpointError, read_tensor_file, scan_tensor_file
-from helpers_ckpt import GOLDEN_DIR, EvalCall, PopenCall, SystemCall
+from convert.upstream.pickle_writer import write_array_pickle, write_quantized_pickle
+from convert.upstream.quantized import QuantizedWeight8bit
+from convert.upstream.tensor_file import CheckpointError, read_tensor_file, scan_tensor_file
+from support.checkpoints import GOLDEN_DIR, EvalCall, PopenCall, SystemCall
 
 IMPORT_MODULE = f"grok_hostile_import_{os.getpid()}"  # importing it creates IMPORTED
 CLASS_MODULE = f"grok_hostile_classes_{os.getpid()}"  # its classes' __setstate__ create SETSTATE

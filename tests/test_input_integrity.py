@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 import convert.converter as converter
-import convert.shard_file as shard_file
-from convert.converter import ConversionInterrupted, OutOfSpaceError, convert_checkpoint
+import convert.disk.shard_file as shard_file
+from convert.converter import ConversionInterrupted, convert_checkpoint
+from grok_torch.errors import OutOfSpaceError
 from convert.inspect import inspect
-from convert.raw_checkpoint import CheckpointError
+from convert.upstream.tensor_file import CheckpointError
 from convert.verify import verify
-from helpers_ckpt import (SystemCall, copy_golden_with_config, entry_index, golden_config, replace_tensor,
+from support.checkpoints import (SystemCall, copy_golden_with_config, entry_index, golden_config, replace_tensor,
                           sha256_tree)
-from test_disk_full import _FullDisk
+from support.disk import FullDisk
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -100,7 +101,7 @@ def test_every_failure_mode_leaves_the_input_untouched_and_opens_it_read_only(tm
 
     def disk_full():
         with monkeypatch.context() as patch:
-            patch.setattr(shard_file, "_write", _FullDisk(2_000_000).write)
+            patch.setattr(shard_file, "_write", FullDisk(2_000_000).write)
             with pytest.raises(OutOfSpaceError):
                 convert_checkpoint(src, tmp_path / "full", config)
 

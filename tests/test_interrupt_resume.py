@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 
 import grok_torch
-from convert import resume as resume_module
+import convert.disk.resume as resume_module
 from convert.converter import ConversionInterrupted, convert_checkpoint
-from convert.output_dir import DestinationError
-from convert.resume import JOURNAL_FILE, partial_path
+from convert.disk.output_dir import DestinationError
+from convert.disk.resume import JOURNAL_FILE, partial_path
 from convert.verify import verify
-from helpers_ckpt import golden_config, sha256_tree
+from support.checkpoints import golden_config, sha256_tree
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals needed")
 
@@ -205,7 +205,7 @@ def test_resume_with_other_options_or_a_changed_source_is_refused(src, tmp_path,
     config = golden_config()
     with pytest.raises(DestinationError, match=r"different options \(--dtype was int8, now bf16\); rerun with "
                                                r"the same options, or delete it"):
-        convert_checkpoint(src, dst, config, dtype="bf16", max_shard_size=SHARD, resume=True)
+        convert_checkpoint(src, dst, config, weights="bf16", max_shard_size=SHARD, resume=True)
     with pytest.raises(DestinationError, match=r"--max-shard-size was 1000000, now 2000000"):
         convert_checkpoint(src, dst, config, max_shard_size=2 * SHARD, resume=True)
     stat = os.stat(src / "ckpt-0" / "tensor00007_000")

@@ -7,15 +7,16 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from convert.state_dict import haiku_tree_to_state_dict
+from convert.upstream.tree import haiku_tree_to_state_dict
 from grok_torch.config import GrokConfig
 from grok_torch.model import Grok
-from parity.harness import build_model, load_golden, parity_tokens, run_golden
+from grok_torch.loading import from_state_dict
+from parity.harness import load_golden, parity_tokens, run_golden
 from parity.init import init_params
 
 
 def random_model(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, **init) -> Grok:
-    return build_model(haiku_tree_to_state_dict(init_params(config, seed=seed, **init), config), config, dtype)
+    return from_state_dict(haiku_tree_to_state_dict(init_params(config, seed=seed, **init), config), config, dtype=dtype)
 
 
 def test_grok1_parameter_count_on_meta_device():
@@ -106,7 +107,7 @@ def test_mixed_weight_formats_load_and_agree():
     config = GrokConfig.from_name("tiny")
     params = init_params(config, seed=3, quantize_attention=False, quantize_moe=True)
     state = haiku_tree_to_state_dict(params, config)
-    model = build_model(state, config, "fp32")
+    model = from_state_dict(state, config, dtype="fp32")
     assert model.layers[0].attn.q_proj.weight.dtype == torch.float32 and not model.layers[0].attn.q_proj.quantized
     assert model.layers[0].moe.up_proj.weight.dtype == torch.int8
     from grok_torch.loading import convert_linear_weights
@@ -126,7 +127,7 @@ def test_golden_upstream_activations(golden_dir):
     _, state, tokens, ref = load_golden(golden_dir)
     from parity.harness import torch_end_to_end, torch_teacher_forced
 
-    model = build_model(state, GrokConfig.from_json(golden_dir / "config.json"), "bf16")
+    model = from_state_dict(state, GrokConfig.from_json(golden_dir / "config.json"), dtype="bf16")
     forced = torch_teacher_forced(model, tokens, ref)
     for i in range(model.config.num_layers):
         exact = np.mean(forced[f"decoder_layer_{i}.out"] == ref[f"decoder_layer_{i}.out"])

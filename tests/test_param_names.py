@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from convert.layouts import LAYOUTS, SCALES_LAYOUT
-from convert.param_names import (UnknownParameterError, checkpoint_layout, haiku_to_torch_name,
+from convert.upstream.layouts import LAYOUTS, SCALES_LAYOUT
+from convert.upstream.param_names import (UnknownParameterError, checkpoint_layout, haiku_to_torch_name,
                                  torch_to_haiku_name)
-from convert.quantized import QuantizedWeight8bit
-from convert.state_dict import haiku_tree_to_state_dict, state_dict_to_haiku_tree
+from convert.upstream.quantized import QuantizedWeight8bit
+from convert.upstream.tree import haiku_tree_to_state_dict, state_dict_to_haiku_tree
 from grok_torch.config import GrokConfig
 from grok_torch.model import Grok
 from parity.init import init_params
 
-from conftest import GOLDEN_DIR
+from support.paths import GOLDEN_DIR
 
 
 @pytest.mark.parametrize("name", ["grok-1", "tiny-12l"])

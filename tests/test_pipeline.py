@@ -11,20 +11,20 @@ import torch
 from click.testing import CliRunner
 
 import grok_torch
-import grok_torch.demo
+import parity.demo
 from convert.converter import convert_checkpoint
-from convert.export_upstream import export_upstream
-from convert.raw_checkpoint import read_raw_checkpoint
-from convert.state_dict import haiku_tree_to_state_dict, state_dict_to_haiku_tree
+from convert.upstream.export import export_upstream
+from convert.upstream.raw_checkpoint import read_raw_checkpoint
+from convert.upstream.tree import haiku_tree_to_state_dict, state_dict_to_haiku_tree
 from grok_torch.cli import main
 from grok_torch.config import GrokConfig
 from grok_torch.generation import generate, left_pad
 from parity.harness import run_parity
 from parity.init import init_params
 from parity.reference import reference_forward
-from test_generate import PROMPTS, random_model
+from support.models import PROMPTS, random_model
 
-from conftest import GOLDEN_DIR, TOKENIZER
+from support.paths import GOLDEN_DIR, TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_exported_random_checkpoint_converts_loads_and_passes_parity(exported, w
             else:
                 assert np.array_equal(stored, value), f"{module}/{name}"
     dst = root / f"converted-{weight_format}-{dtype}"
-    convert_checkpoint(root / "upstream", dst, config, dtype=weight_format, progress=False)
+    convert_checkpoint(root / "upstream", dst, config, weights=weight_format, progress=False)
     model = grok_torch.load(dst, weights="int8", dtype=dtype)
     report = run_parity(config, dtype=dtype, params=raw, model=model, seq_len=256)
     assert report.passed, report.first_failure[1].describe()
@@ -90,8 +90,8 @@ def test_reference_greedy_tokens_equal_grok_torch_cached_generation():
 # ---- the demo ----------------------------------------------------------------------------------------
 
 def test_demo_runs_every_step_without_a_tokenizer(monkeypatch, tmp_path):
-    monkeypatch.delenv(grok_torch.demo.TOKENIZER_ENV, raising=False)
-    monkeypatch.setattr(grok_torch.demo, "SHARED_TOKENIZER", tmp_path / "absent.model")
+    monkeypatch.delenv(parity.demo.TOKENIZER_ENV, raising=False)
+    monkeypatch.setattr(parity.demo, "SHARED_TOKENIZER", tmp_path / "absent.model")
     result = CliRunner().invoke(main, ["demo", "--config", "tiny", "--workdir", str(tmp_path / "work")])
     assert result.exit_code == 0, result.output
     for step in ("[1/7] random checkpoint", "[2/7] convert", "[3/7] verify", "[4/7] load", "[5/7] parity",
@@ -103,7 +103,7 @@ def test_demo_runs_every_step_without_a_tokenizer(monkeypatch, tmp_path):
 
 
 def test_demo_fails_when_parity_fails(monkeypatch, tmp_path):
-    monkeypatch.setattr(grok_torch.demo, "SHARED_TOKENIZER", tmp_path / "absent.model")
+    monkeypatch.setattr(parity.demo, "SHARED_TOKENIZER", tmp_path / "absent.model")
     monkeypatch.setattr(grok_torch.model, "soft_cap", lambda logits, cap: logits)
     result = CliRunner().invoke(main, ["demo", "--config", "tiny"])
     assert result.exit_code == 1

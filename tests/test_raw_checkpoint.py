@@ -14,11 +14,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert.quantized import QuantizedWeight8bit
-from convert.raw_checkpoint import (CheckpointError, read_raw_checkpoint, read_tensor_file, scan_tensor_file,
-                                    validate_raw_checkpoint)
-from helpers_ckpt import (GOLDEN_DIR, EvalCall, PopenCall, SystemCall, copy_golden, entry_index, golden_config,
-                          permute_layers_numeric, replace_tensor, tensor_path)
+from convert.upstream.quantized import QuantizedWeight8bit
+from convert.upstream.raw_checkpoint import read_raw_checkpoint, validate_raw_checkpoint
+from convert.upstream.tensor_file import CheckpointError, read_tensor_file, scan_tensor_file
+from support.checkpoints import (EvalCall, PopenCall, SystemCall, copy_golden, entry_index, golden_config,
+                                 permute_layers_numeric, replace_tensor, tensor_path)
+from support.paths import GOLDEN_DIR
 
 INDEX = json.loads((GOLDEN_DIR / "tensor_index.json").read_text())
 
@@ -313,7 +314,7 @@ def test_quantized_scales_must_be_bf16_with_the_grouped_shape(tmp_path):
     index = entry_index(config, "transformer/decoder_layer_1/multi_head_attention/linear/w")
     original = read_tensor_file(tensor_path(root, index))
     ungrouped = original.scales[:1]  # [1, D] where [8, D] is expected
-    from convert.pickle_writer import write_quantized_pickle
+    from convert.upstream.pickle_writer import write_quantized_pickle
 
     with open(tensor_path(root, index), "wb") as f:
         write_quantized_pickle(f, original.weight, ungrouped)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import convert.read_ahead as read_ahead
-from convert.read_ahead import ReadAhead, readahead_bytes
+import convert.disk.read_ahead as read_ahead
+from convert.disk.read_ahead import ReadAhead, readahead_bytes
 
 MIB = 1 << 20
 pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not Path("/proc/self/fd").exists(),

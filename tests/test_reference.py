@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import parity.reference as reference
-from convert.param_names import checkpoint_layout
-from convert.quantized import QuantizedWeight8bit
+from convert.upstream.param_names import checkpoint_layout
+from convert.upstream.quantized import QuantizedWeight8bit
 from grok_torch.config import GrokConfig
 from parity.harness import parity_tokens
 from parity.init import init_params, qk_std_mult
@@ -45,7 +45,7 @@ def _read_golden_checkpoint(golden_dir, config):
     """The golden ckpt-0 as {module: {param: value}}: with the project's safe reader when present,
     else a plain unpickler mapping upstream's `__main__.QuantizedWeight8bit` (trusted test data)."""
     try:
-        from convert.raw_checkpoint import read_raw_checkpoint
+        from convert.upstream.raw_checkpoint import read_raw_checkpoint
     except ImportError:
         read_raw_checkpoint = None
     if read_raw_checkpoint is not None:

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-import convert.shard_file as shard_file
-from convert.shard_file import ALIGN, ShardFileWriter, direct_io_supported
+import convert.disk.shard_file as shard_file
+from convert.disk.shard_file import ALIGN, ShardFileWriter, direct_io_supported
 
 STAGE = 2 * ALIGN  # small stages, so a few KiB cross many stage boundaries
 SIZES = [0, 1, 7, ALIGN - 1, ALIGN, ALIGN + 1, STAGE - 3, STAGE, STAGE + 5, 3 * STAGE + 11, 100]
@@ -127,7 +127,7 @@ def test_stage_size_must_be_whole_blocks(tmp_path):
 
 def _shards_of(tmp_path, monkeypatch, events: list[tuple[str, str]], fail_fsync_of: str | None = None) -> None:
     """Write 4 one-tensor shards, recording every fsync (by file name) and every on_shard call, in order."""
-    from convert.safetensors_io import TensorToWrite, write_sharded_safetensors
+    from convert.disk.safetensors_writer import TensorToWrite, write_sharded_safetensors
 
     real_fsync = os.fsync
 

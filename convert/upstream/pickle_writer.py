@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from convert.blocks import as_bytes, iter_c_blocks
+from convert.disk.blocks import as_bytes, iter_c_blocks
 
 FRAME_SIZE_TARGET = 64 * 1024  # CPython's framing constants (pickle._Framer)
 FRAME_SIZE_MIN = 4

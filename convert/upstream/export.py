@@ -1,7 +1,7 @@
 """Export a converted directory or a grok_torch state dict back to the official raw checkpoint layout.
 
 `dst/ckpt-0/tensor{i:05d}_000`, one pickle per parameter in `checkpoint_layout` order, exactly as upstream's
-checkpoint code writes them (protocol 4, see convert.pickle_writer):
+checkpoint code writes them (protocol 4, see convert.upstream.pickle_writer):
 
 - a linear weight that has scales (int8 `[..., out, in]` + bf16 `[..., out, G]`) becomes a pickled
   `__main__.QuantizedWeight8bit(weight=int8 [..., in, out], scales=bf16 [..., G, out])`; from an int8
@@ -22,17 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-import ml_dtypes
 import numpy as np
 
-from convert.blocks import nbytes_of
-from convert.converter import progress_bar, read_converted_config
-from convert.layouts import scales_to_haiku
-from convert.output_dir import check_destination, staged_directory
-from convert.param_names import ParamEntry, checkpoint_layout
-from convert.pickle_writer import write_array_pickle, write_quantized_pickle
-from convert.raw_checkpoint import TENSOR_FILE, numpy_dtype
-from convert.safetensors_io import list_safetensors_dir, load_tensor
+from convert.disk.blocks import nbytes_of
+from convert.disk.output_dir import check_destination, staged_directory
+from convert.upstream.layouts import scales_to_haiku
+from convert.upstream.param_names import ParamEntry, checkpoint_layout
+from convert.upstream.pickle_writer import write_array_pickle, write_quantized_pickle
+from convert.upstream.raw_checkpoint import TENSOR_FILE
+from grok_torch.converted_dir import ConvertedDir
+from grok_torch.dtypes import numpy_dtype, torch_to_numpy
+from grok_torch.progress import progress_bar
 
 if TYPE_CHECKING:
     from grok_torch.config import GrokConfig
@@ -60,15 +60,10 @@ def _to_numpy(name: str, value) -> np.ndarray:
     """numpy array or torch tensor (any device; bf16 kept bit-exact via ml_dtypes) -> numpy array."""
     if isinstance(value, np.ndarray):
         return value
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
-    if torch is not None and isinstance(value, torch.Tensor):
-        tensor = value.detach().to("cpu")
-        if tensor.dtype == torch.bfloat16:
-            return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return tensor.numpy()
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return torch_to_numpy(value)
     raise ExportError(f"tensor {name}: a {type(value).__name__}; expected a numpy array or torch tensor")
 
 
@@ -79,10 +74,9 @@ class _Source:
         self.description, self.specs, self.load = description, specs, load
 
 
-def _dir_source(directory: Path) -> _Source:
-    stored = list_safetensors_dir(directory)
-    specs = {name: (t.dtype, t.shape) for name, t in stored.items()}
-    return _Source(str(directory), specs, lambda name: load_tensor(stored[name]))
+def _dir_source(directory: ConvertedDir) -> _Source:
+    specs = {name: (t.dtype, t.shape) for name, t in directory.tensors.items()}
+    return _Source(str(directory.path), specs, directory.block)
 
 
 def _mapping_source(state_dict: Mapping[str, object]) -> _Source:
@@ -151,16 +145,14 @@ def _write_file(path: Path, plan: _FilePlan, source: _Source) -> int:
         return weight.nbytes
 
 
-def _resolve_config(src, config: "GrokConfig | None") -> "GrokConfig":
-    from grok_torch.config import GrokConfig
-
+def _resolve_config(src: "Mapping | ConvertedDir", config: "GrokConfig | None") -> "GrokConfig":
     if isinstance(src, Mapping):
         if config is None:
             raise ExportError("exporting a state dict needs its GrokConfig (config=...)")
         return config
-    stored = GrokConfig.from_dict(read_converted_config(src)["grok_config"])
+    stored = src.config.config
     if config is not None and config != stored:
-        raise ExportError(f"{src}: the config given differs from the directory's config.json")
+        raise ExportError(f"{src.path}: the config given differs from the directory's config.json")
     return stored
 
 
@@ -172,8 +164,9 @@ def export_upstream(src: str | os.PathLike | Mapping[str, object], dst: str | os
     is_mapping = isinstance(src, Mapping)
     dst = check_destination(dst, None if is_mapping else src, overwrite=overwrite,
                             replaceable=lambda name: name == "ckpt-0", what="export-upstream")
-    config = _resolve_config(src, config)
-    source = _mapping_source(src) if is_mapping else _dir_source(Path(src))
+    directory = None if is_mapping else ConvertedDir(src)
+    config = _resolve_config(src if is_mapping else directory, config)
+    source = _mapping_source(src) if is_mapping else _dir_source(directory)
     plans = _plan(source, config, strict)
     total = sum(_payload_bytes(source, p) for p in plans)
     with staged_directory(dst) as partial, progress_bar(total, "export-upstream", progress) as bar:

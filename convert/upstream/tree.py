@@ -11,29 +11,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from convert.param_names import UnknownParameterError, checkpoint_layout
-from convert.quantized import QuantizedWeight8bit
+from convert.upstream.param_names import UnknownParameterError, checkpoint_layout
+from convert.upstream.quantized import QuantizedWeight8bit
+from grok_torch.dtypes import numpy_to_torch, torch_to_numpy
 
 if TYPE_CHECKING:
     from grok_torch.config import GrokConfig
-
-
-def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
-    """numpy (ml_dtypes bfloat16 included) -> torch, sharing nothing with the source."""
-    array = np.ascontiguousarray(array)
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
-
-
-def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """torch -> numpy; bf16 becomes ml_dtypes.bfloat16."""
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
 
 
 def haiku_tree_to_state_dict(params: dict, config: "GrokConfig") -> dict[str, torch.Tensor]:

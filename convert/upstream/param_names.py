@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from convert.layouts import LAYOUTS, SCALES_LAYOUT
+from convert.upstream.layouts import LAYOUTS, SCALES_LAYOUT
 
 if TYPE_CHECKING:
     from grok_torch.config import GrokConfig
@@ -29,7 +29,7 @@ class NameRule:
     haiku_module: str  # relative to `transformer/decoder_layer_{L}/` for layer rows
     haiku_param: str
     torch_name: str  # relative to `layers.{L}.` for layer rows
-    layout: str  # a key of convert.layouts.LAYOUTS
+    layout: str  # a key of convert.upstream.layouts.LAYOUTS
     kind: str  # embedding | norm | linear | expert_linear | router
     grouped_scales: bool = False  # scales grouped along the input axis (G = model_shards)
     # Upstream's effective float weight is bf16(int8 * scale) everywhere except the MoE down

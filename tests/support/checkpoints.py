@@ -7,11 +7,11 @@ import pickle
 import shutil
 from pathlib import Path
 
-from convert.param_names import checkpoint_layout
-from convert.raw_checkpoint import TENSOR_FILE
+from convert.upstream.param_names import checkpoint_layout
+from convert.upstream.raw_checkpoint import TENSOR_FILE
 from grok_torch.config import GrokConfig
+from support.paths import GOLDEN_DIR
 
-GOLDEN_DIR = Path(__file__).parent / "assets" / "golden-12l"
 
 
 def golden_config() -> GrokConfig:

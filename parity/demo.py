@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from convert.cli import UserError
+from grok_torch.errors import UserError, cli_errors
 
 DEFAULT_PROMPT = "The answer to life, the universe and everything is"
 TOKENIZER_ENV = "GROK_TOKENIZER"
@@ -76,9 +76,9 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
 
     import grok_torch
     from convert.converter import convert_checkpoint
-    from convert.export_upstream import export_upstream
-    from convert.raw_checkpoint import read_raw_checkpoint
-    from convert.state_dict import haiku_tree_to_state_dict
+    from convert.upstream.export import export_upstream
+    from convert.upstream.raw_checkpoint import read_raw_checkpoint
+    from convert.upstream.tree import haiku_tree_to_state_dict
     from convert.verify import verify
     from grok_torch.config import GrokConfig
     from grok_torch.generation import generate
@@ -101,7 +101,7 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
         files = sorted((raw_dir / "ckpt-0").iterdir())
         echo(f"      {len(files)} pickles, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB in {raw_dir / 'ckpt-0'}")
     with steps.step("convert to sharded safetensors (int8 weights, bf16 scales)"):
-        result = convert_checkpoint(raw_dir, converted_dir, config, dtype="int8", progress=False)
+        result = convert_checkpoint(raw_dir, converted_dir, config, weights="int8", progress=False)
         echo(f"      {result.dst}: {', '.join(sorted(p.name for p in result.dst.iterdir()))}")
     with steps.step("verify every converted tensor against the pickles"):
         mismatches = verify(raw_dir, converted_dir)
@@ -176,6 +176,7 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Keep the checkpoint and conversion here (must not exist) [default: a temporary "
                    "directory, removed at the end].")
+@cli_errors
 def demo_cmd(config_name: str, tokenizer: Path | None, prompt: str, max_new_tokens: int, seed: int,
              workdir: Path | None) -> None:
     """Write a tiny random Grok checkpoint in the official format, convert it, load it in PyTorch,
@@ -183,17 +184,14 @@ def demo_cmd(config_name: str, tokenizer: Path | None, prompt: str, max_new_toke
 
     Needs no network and no GPU. Exits with status 1 when parity fails.
     """
-    try:
-        if workdir is not None:
-            if workdir.exists():
-                raise UserError(f"--workdir {workdir} already exists; give a new path")
-            passed = run_demo(workdir, config_name=config_name, tokenizer=tokenizer, prompt=prompt,
+    if workdir is not None:
+        if workdir.exists():
+            raise UserError(f"--workdir {workdir} already exists; give a new path")
+        passed = run_demo(workdir, config_name=config_name, tokenizer=tokenizer, prompt=prompt,
+                          max_new_tokens=max_new_tokens, seed=seed)
+    else:
+        with tempfile.TemporaryDirectory(prefix="grok-torch-demo-") as tmp:
+            passed = run_demo(Path(tmp) / "demo", config_name=config_name, tokenizer=tokenizer, prompt=prompt,
                               max_new_tokens=max_new_tokens, seed=seed)
-        else:
-            with tempfile.TemporaryDirectory(prefix="grok-torch-demo-") as tmp:
-                passed = run_demo(Path(tmp) / "demo", config_name=config_name, tokenizer=tokenizer, prompt=prompt,
-                                  max_new_tokens=max_new_tokens, seed=seed)
-    except ValueError as err:  # a bad --config, tokenizer or vocab mismatch
-        raise UserError(str(err)) from None
     if not passed:
         raise SystemExit(1)

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from convert.output_dir import DestinationError, install_directory
-from convert.safetensors_io import INDEX_FILE, SHARD_FILE_RE
+from convert.disk.output_dir import DestinationError, install_directory
+from grok_torch.converted_dir import is_owned_name
 
 JOURNAL_FILE = ".convert-journal.json"
 JOURNAL_VERSION = 1
-_CONFIG_FILE = "config.json"
 
 
 def partial_path(dst: Path) -> Path:
@@ -77,8 +76,7 @@ def _lock(path: Path) -> int | None:
 
 
 def _owned_name(name: str) -> bool:
-    return (name in (JOURNAL_FILE, JOURNAL_FILE + ".tmp", INDEX_FILE, _CONFIG_FILE)
-            or bool(SHARD_FILE_RE.match(name)))
+    return name in (JOURNAL_FILE, JOURNAL_FILE + ".tmp") or is_owned_name(name)
 
 
 @dataclass(frozen=True)
