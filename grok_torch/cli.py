@@ -11,7 +11,7 @@ import importlib
 
 import click
 
-from grok_torch.errors import EXIT_CODES_HELP, as_user_error, cli_errors
+from grok_torch.errors import EXIT_CODES_HELP, UserError, as_user_error
 
 # command name -> "module:attribute" of its click command, in the order `--help` lists them.
 COMMANDS = {
@@ -30,10 +30,9 @@ def _unavailable(name: str, err: ImportError) -> click.Command:
 
     @click.command(name, help=f"(unavailable: {err})", context_settings={"ignore_unknown_options": True,
                                                                          "allow_extra_args": True})
-    @cli_errors
     def command() -> None:
-        raise ImportError(f"grok-torch {name} is unavailable here: {err}; install the extra it needs "
-                          f"(pip install 'grok-torch[parity]' for parity and the demo's parity step)")
+        raise UserError(f"grok-torch {name} is unavailable here: {err} (a broken or partial installation: "
+                        f"reinstall grok-torch)")
 
     return command
 

@@ -129,12 +129,12 @@ def _read_json(path: Path, what: str) -> Any:
         raise LoadError(f"{path}: cannot read the {what}: {err}") from None
 
 
-def _require_regular_file(path: Path, what: str) -> None:
+def _require_regular_file(path: Path, what: str, when_missing: str = "not a converted grok-torch directory") -> None:
     """Only regular files (or links to them) are read: a FIFO would block forever, a device never end."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise LoadError(f"{path.parent}: {path.name} is missing: not a converted grok-torch directory") from None
+        raise LoadError(f"{path.parent}: {path.name} is missing: {when_missing}") from None
     except OSError as err:
         raise LoadError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
     if not stat.S_ISREG(mode):
@@ -229,7 +229,7 @@ class ConvertedDir:
         from safetensors import SafetensorError, safe_open
 
         path = self.path / file_name
-        _require_regular_file(path, "shard file")
+        _require_regular_file(path, "shard file", f"the shard file is named in {INDEX_FILE}")
         try:
             handle = safe_open(str(path), framework="pt")
             names = list(handle.keys())

@@ -31,6 +31,9 @@ EXIT_CODES_HELP = "\n".join([
     f"  {EXIT_INTERRUPTED}  interrupted (Ctrl-C; SIGTERM during convert)",
 ])
 
+# Modules of the optional extras, and what a user installs to get them.
+OPTIONAL_MODULES = {name: "the parity extra (pip install 'grok-torch[parity]')" for name in ("jax", "haiku", "matplotlib")}
+
 # Exceptions whose message is written for a user (they name the file, tensor or option at fault).
 EXPECTED_ERRORS = (ValueError, KeyError, OSError)
 
@@ -92,6 +95,9 @@ def as_user_error(err: BaseException) -> UserError:
         return InterruptedMessage("interrupted")
     if isinstance(err, OutOfSpaceError):
         return UserError(str(err), EXIT_NO_SPACE)
+    if isinstance(err, ImportError) and (err.name or "").split(".")[0] in OPTIONAL_MODULES:
+        module = err.name.split(".")[0]
+        return UserError(f"{module} is not installed (or not importable): this needs {OPTIONAL_MODULES[module]}")
     if isinstance(err, EXPECTED_ERRORS):
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         return UserError(message)

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from grok_torch.errors import cli_errors
+from grok_torch.errors import UserError, cli_errors
 
 
 @click.command("parity")
@@ -16,18 +16,24 @@ from grok_torch.errors import cli_errors
               help="Compute precision of both sides: fp32 for exact agreement, bf16 for upstream's numerics.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and tokens.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per row (>= 256 exposes RoPE bugs).")
-@click.option("--quantize-attention/--plain-attention", default=True, show_default=True,
-              help="Attention weights as int8 + bf16 scales, or plain float arrays.")
-@click.option("--quantize-moe/--plain-moe", default=True, show_default=True,
-              help="Expert weights as int8 + bf16 scales, or plain float arrays.")
+@click.option("--weights", type=click.Choice(["int8", "bf16", "fp32"]), default="int8", show_default=True,
+              help="Stored format of the random weights' linear layers: int8 + bf16 scales as released, or plain "
+                   "bf16/fp32 arrays.")
+@click.option("--quantize-attention/--plain-attention", default=None,
+              help="With --weights int8: attention weights int8 (default) or plain fp32 arrays.")
+@click.option("--quantize-moe/--plain-moe", default=None,
+              help="With --weights int8: expert weights int8 (default) or plain fp32 arrays.")
 @click.option("--golden", "golden_dir", type=click.Path(exists=True, file_okay=False),
               help="Compare against a golden directory (official ckpt-0 + reference.npz from the upstream code) "
-                   "instead of the haiku reference; --config/--dtype/--seed do not apply.")
+                   "instead of the haiku reference (bf16, its own weights and tokens: --config, --dtype, --seed, "
+                   "--seq-len and the weight options are refused with it).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Draw the per-layer error (log scale) as a PNG.")
+@click.pass_context
 @cli_errors
-def parity_cmd(config_name, dtype, seed, seq_len, quantize_attention, quantize_moe, golden_dir, json_path, plot_path):
+def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attention, quantize_moe, golden_dir,
+               json_path, plot_path):
     """Run grok_torch and a reference on the same weights and tokens and compare every layer.
 
     Both modes run: end to end, and teacher-forced (each grok_torch layer fed the reference's
@@ -39,12 +45,24 @@ def parity_cmd(config_name, dtype, seed, seq_len, quantize_attention, quantize_m
     from parity.harness import run_golden, run_parity
     from parity.report import format_report, plot_report, write_json
 
+    given = [f"--{name.replace('_', '-')}" for name in ("config_name", "dtype", "seed", "seq_len", "weights",
+                                                         "quantize_attention", "quantize_moe")
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    given = [{"--config-name": "--config", "--quantize-attention": "--quantize-attention/--plain-attention",
+              "--quantize-moe": "--quantize-moe/--plain-moe"}.get(g, g) for g in given]
     if golden_dir:
+        if given:
+            verb = "does" if len(given) == 1 else "do"
+            raise UserError(f"{', '.join(given)} {verb} not apply with --golden: the golden run fixes its config, "
+                            f"weights, tokens and bf16 compute")
         report = run_golden(golden_dir)
     else:
+        if weights != "int8" and (quantize_attention is not None or quantize_moe is not None):
+            raise UserError(f"--quantize-attention/--plain-attention and --quantize-moe/--plain-moe apply only to "
+                            f"--weights int8 (with --weights {weights} every linear is a plain {weights} array)")
         config = GrokConfig.resolve(config_name)
-        report = run_parity(config, dtype=dtype, seed=seed, seq_len=seq_len,
-                            quantize_attention=quantize_attention, quantize_moe=quantize_moe)
+        report = run_parity(config, dtype=dtype, seed=seed, seq_len=seq_len, weights=weights,
+                            quantize_attention=quantize_attention is not False, quantize_moe=quantize_moe is not False)
     click.echo(format_report(report))
     if json_path:
         write_json(report, json_path)

@@ -36,6 +36,7 @@ class TensorComparison:
     tier: str
     excluded_tokens: int = 0  # near-tie tokens left out (their expert choice legitimately differs)
     samples: list[dict] = field(default_factory=list)  # a few of the worst elements
+    bit_exact: float = 1.0  # fraction of compared elements (experts: tokens) identical to the reference
 
     def describe(self) -> str:
         if self.tier == "experts":
@@ -78,6 +79,8 @@ def compare_tensor(name: str, ours: np.ndarray, ref: np.ndarray, tol: Tolerance,
     err_rms = float(np.sqrt(np.sum(np.where(keep, np.nan_to_num(diff, nan=np.inf, posinf=np.inf) ** 2, 0.0)) / max(compared, 1)))
     rel_rms = err_rms / scale if scale > 0 else (0.0 if err_rms == 0 else np.inf)
     mismatches = int(beyond.sum())
+    same = (ours == ref) & keep
+    bit_exact = float(same.sum() / compared) if compared else 1.0
     passed = bool(nonfinite.sum() == 0 and mismatches <= tol.max_mismatch_fraction * compared
                   and rel_rms <= tol.max_rel_rms)
     # The (up to) five worst elements beyond tolerance; a partial sort, as logits run to millions.
@@ -90,7 +93,7 @@ def compare_tensor(name: str, ours: np.ndarray, ref: np.ndarray, tol: Tolerance,
     samples = [{"index": list(map(int, np.unravel_index(i, ref.shape))), "ours": float(ours.flat[i]),
                 "ref": float(ref.flat[i])} for i in worst]
     return TensorComparison(name, tuple(ref.shape), max_abs, max_rel, rel_rms, mismatches, compared, passed,
-                            tier, excluded, samples)
+                            tier, excluded, samples, bit_exact)
 
 
 def router_margin(probs: np.ndarray, k: int) -> np.ndarray:
@@ -117,7 +120,7 @@ def compare_experts(name: str, ours: np.ndarray, ref: np.ndarray, ref_probs: np.
     # For experts: max_abs counts the tokens that disagree, rel_rms is their fraction.
     comparison = TensorComparison(name, tuple(ref.shape), float((~agree).sum()), 0.0, float(np.mean(~agree)),
                                   int(bad.sum()), int(agree.size), bool(bad.sum() == 0), "experts",
-                                  int((~agree & near_tie).sum()), samples)
+                                  int((~agree & near_tie).sum()), samples, float(np.mean(agree)))
     return comparison, agree
 
 
@@ -126,10 +129,42 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def distribution_agreement(ours: np.ndarray, ref: np.ndarray, real: np.ndarray) -> tuple[float, float]:
-    """Top-1 agreement and mean KL(ref || ours) of the final distributions over real positions."""
+@dataclass
+class DistributionAgreement:
+    """How alike two sets of next-token distributions are, over the real (non-padding) positions.
+
+    On small random models with tied embeddings the most likely token is nearly always the input token,
+    so top-1 agreement is reached even by a misconfigured port; the runner-up (second most likely token),
+    the overlap of the top-5 sets and KL(ref || ours) are what tell a faithful port from a bad one.
+    """
+
+    top1: float
+    runner_up: float
+    top5_overlap: float  # mean |top5(ours) & top5(ref)| / 5
+    mean_kl: float
+    positions: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest logits per row, best first (a partial sort: vocabularies run to 131072)."""
+    k = min(k, logits.shape[-1])
+    part = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
+    order = np.argsort(-np.take_along_axis(logits, part, -1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, -1)
+
+
+def distribution_agreement(ours: np.ndarray, ref: np.ndarray, real: np.ndarray) -> DistributionAgreement:
+    """Top-1, runner-up and top-5 agreement and mean KL(ref || ours) of the final distributions."""
     ours, ref = np.asarray(ours)[real].astype(np.float64), np.asarray(ref)[real].astype(np.float64)
-    top1 = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
+    if not len(ref):
+        return DistributionAgreement(1.0, 1.0, 1.0, 0.0, 0)
+    top_ours, top_ref = _top_k(ours, 5), _top_k(ref, 5)
+    top1 = float(np.mean(top_ours[:, 0] == top_ref[:, 0]))
+    runner_up = float(np.mean(top_ours[:, 1] == top_ref[:, 1])) if top_ref.shape[1] > 1 else 1.0
+    overlap = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(top_ours, top_ref)]))
     log_p, log_q = log_softmax(ref), log_softmax(ours)
     kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
-    return top1, float(np.mean(kl)) if kl.size else 0.0
+    return DistributionAgreement(top1, runner_up, overlap, float(np.mean(kl)), len(ref))

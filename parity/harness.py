@@ -21,9 +21,9 @@ import torch
 from grok_torch.config import GrokConfig
 from grok_torch.loading import from_state_dict
 from grok_torch.model import COMPUTE_DTYPES, Grok
-from parity.compare import (AFTER_EXPERT_CHOICE, TensorComparison, compare_experts, compare_tensor,
-                            distribution_agreement, forward_order)
-from parity.tolerances import MAX_MEAN_KL, MIN_TOP1_AGREEMENT, NEAR_TIE_MARGIN, TOLERANCES, tier_of
+from parity.compare import (AFTER_EXPERT_CHOICE, DistributionAgreement, TensorComparison, compare_experts,
+                            compare_tensor, distribution_agreement, forward_order)
+from parity.tolerances import DISTRIBUTION_TOLERANCES, NEAR_TIE_MARGIN, TOLERANCES, tier_of
 
 MODES = ("teacher_forced", "end_to_end")
 
@@ -32,9 +32,16 @@ MODES = ("teacher_forced", "end_to_end")
 class ParityRun:
     mode: str
     comparisons: list[TensorComparison]
-    top1_agreement: float
-    mean_kl: float
+    distribution: DistributionAgreement
     distribution_passed: bool
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.distribution.top1
+
+    @property
+    def mean_kl(self) -> float:
+        return self.distribution.mean_kl
 
     @property
     def first_failure(self) -> TensorComparison | None:
@@ -46,7 +53,8 @@ class ParityRun:
 
     def to_json(self) -> dict:
         return {"mode": self.mode, "passed": self.passed, "top1_agreement": self.top1_agreement,
-                "mean_kl": self.mean_kl, "distribution_passed": self.distribution_passed,
+                "mean_kl": self.mean_kl, "distribution": self.distribution.to_json(),
+                "distribution_passed": self.distribution_passed,
                 "first_failure": self.first_failure.name if self.first_failure else None,
                 "tensors": [c.to_json() for c in self.comparisons]}
 
@@ -135,9 +143,8 @@ def compare_activations(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray],
         if suffix == "out" and mode == "teacher_forced":
             diverged[:] = False
     real = np.asarray(tokens) > config.pad_token
-    top1, kl = distribution_agreement(ours["logits"], ref["logits"], real)
-    ok = top1 >= MIN_TOP1_AGREEMENT[dtype] and kl <= MAX_MEAN_KL[dtype]
-    return ParityRun(mode, comparisons, top1, kl, ok)
+    agreement = distribution_agreement(ours["logits"], ref["logits"], real)
+    return ParityRun(mode, comparisons, agreement, DISTRIBUTION_TOLERANCES[(dtype, mode)].accepts(agreement))
 
 
 def compare_model(model: Grok, tokens: np.ndarray, ref: dict[str, np.ndarray], dtype: str,
@@ -174,13 +181,15 @@ def _check_model(model: Grok, config: GrokConfig, dtype: str, purpose: str) -> N
 
 # ---- the two sources of truth ---------------------------------------------------------------------
 
-def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quantize_attention: bool = True,
-               quantize_moe: bool = True, seq_len: int = 256, batch: int = 4, label: str | None = None,
-               model_hook=None, params=None, model: Grok | None = None) -> ParityReport:
+def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, weights: str = "int8",
+               quantize_attention: bool = True, quantize_moe: bool = True, seq_len: int = 256, batch: int = 4,
+               label: str | None = None, model_hook=None, params=None, model: Grok | None = None) -> ParityReport:
     """grok_torch vs the JAX/haiku reference on the same weights.
 
     The weights are `params` (a haiku tree {module: {param: array | QuantizedWeight8bit}}, e.g. a raw
-    checkpoint read back) or, by default, a seeded random checkpoint of `config`. The torch side is
+    checkpoint read back) or, by default, a seeded random checkpoint of `config` whose linear layers are
+    stored as `weights`: "int8" (int8 + bf16 scales; `quantize_attention`/`quantize_moe` False keep those
+    as fp32 arrays) or plain "bf16"/"fp32" arrays. The torch side is
     `model` (e.g. loaded from a conversion of those weights) or, by default, a model built directly
     from `params`. `model_hook(model)`, if given, may alter the torch model before the comparison
     (used to check that injected bugs are caught).
@@ -191,8 +200,13 @@ def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quanti
 
     timings = {}
     start = time.perf_counter()
+    if weights not in ("int8", "bf16", "fp32"):
+        raise ValueError(f"weights must be int8, bf16 or fp32, got {weights!r}")
     if params is None:
-        params = init_params(config, seed=seed, quantize_attention=quantize_attention, quantize_moe=quantize_moe)
+        quantized = weights == "int8"
+        params = init_params(config, seed=seed, quantize_attention=quantize_attention and quantized,
+                             quantize_moe=quantize_moe and quantized,
+                             float_dtype=weights if not quantized else "fp32")
     tokens = parity_tokens(config, seed=seed, batch=batch, seq_len=seq_len)
     timings["init_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -207,7 +221,7 @@ def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, quanti
     start = time.perf_counter()
     runs = compare_model(model, tokens, ref, dtype)
     timings["torch_and_compare_s"] = time.perf_counter() - start
-    details = {"seed": seed, "quantize_attention": quantize_attention, "quantize_moe": quantize_moe,
+    details = {"seed": seed, "weights": weights, "quantize_attention": quantize_attention, "quantize_moe": quantize_moe,
                "tokens_shape": list(tokens.shape), "timings": timings}
     return ParityReport(label or "haiku reference", config, dtype, runs, details)
 

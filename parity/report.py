@@ -47,9 +47,13 @@ def format_report(report: ParityReport) -> str:
     lines.append("relative RMS error per tensor (experts: tokens that chose the same experts):")
     lines += [fmt.format(*header)] + [fmt.format(*r) for r in rows]
     for mode, run in report.runs.items():
+        lines.append(f"bit-exact fraction per sub-module ({mode}, least over layers): " + bit_exact_summary(run))
+    for mode, run in report.runs.items():
         status = "PASS" if run.passed else "FAIL"
         worst = max((c for c in run.comparisons if c.tier != "experts"), key=lambda c: c.rel_rms, default=None)
-        lines.append(f"{mode}: {status}  top-1 agreement {run.top1_agreement:.4f}, mean KL {run.mean_kl:.3g}"
+        d = run.distribution
+        lines.append(f"{mode}: {status}  top-1 agreement {d.top1:.4f}, runner-up {d.runner_up:.4f}, "
+                     f"top-5 overlap {d.top5_overlap:.4f}, mean KL {d.mean_kl:.3g}"
                      + (f", largest rel RMS {worst.rel_rms:.3g} ({worst.name})" if worst else ""))
     failure = report.first_failure
     if failure is not None:
@@ -59,6 +63,20 @@ def format_report(report: ParityReport) -> str:
         lines.append("every tensor is within tolerance, but the final distributions disagree")
     lines.append("PARITY PASSED" if report.passed else "PARITY FAILED")
     return "\n".join(lines)
+
+
+def bit_exact_by_submodule(run) -> dict[str, float]:
+    """The least bit-exact fraction of each sub-module's output over the layers (experts: tokens that chose
+    the same experts), in forward order."""
+    least: dict[str, float] = {}
+    for c in run.comparisons:
+        suffix = c.name.rsplit(".", 1)[-1]
+        least[suffix] = min(least.get(suffix, 1.0), c.bit_exact)
+    return least
+
+
+def bit_exact_summary(run) -> str:
+    return ", ".join(f"{name} {fraction:.4f}" for name, fraction in bit_exact_by_submodule(run).items())
 
 
 def write_json(report: ParityReport, path: str | Path) -> None:

@@ -107,7 +107,98 @@ TOLERANCES = {
 NEAR_TIE_MARGIN = {("fp32", "teacher_forced"): 1e-5, ("fp32", "end_to_end"): 1e-4,
                    ("bf16", "teacher_forced"): 2e-3, ("bf16", "end_to_end"): 2e-2}
 
-# Final distributions, end to end: agreement of the most likely token and KL(ref || ours), over
-# real (non-padding) positions.
-MIN_TOP1_AGREEMENT = {"fp32": 1.0, "bf16": 0.98}
-MAX_MEAN_KL = {"fp32": 1e-8, "bf16": 1e-3}
+@dataclass(frozen=True)
+class DistributionTolerance:
+    """Least agreement of the final distributions (over real positions) and largest mean KL(ref || ours)."""
+
+    min_top1: float
+    min_runner_up: float
+    min_top5_overlap: float
+    max_mean_kl: float
+    reason: str
+
+    def accepts(self, agreement) -> bool:
+        return (agreement.top1 >= self.min_top1 and agreement.runner_up >= self.min_runner_up
+                and agreement.top5_overlap >= self.min_top5_overlap and agreement.mean_kl <= self.max_mean_kl)
+
+
+# Measured on faithful ports (bf16, end to end; README "Fidelity"): the golden run and the 1- to 4-layer
+# parity configs reach runner-up >= 0.995, top-5 >= 0.996, KL <= 1.2e-5; the 12-layer tiny-12l, whose
+# bf16 drift compounds longest, 0.971 / 0.988 / 2.3e-5. Every injected bug of tests/test_parity.py keeps
+# top-1 at 1.000 on these tied-embedding models; on the golden run four of the six fall below these
+# runner-up/top-5/KL floors (interleaved RoPE: 0.44 / 0.65 / 2e-2), and all six fail teacher-forced tiers.
+_DIST_FP32 = DistributionTolerance(
+    1.0, 0.99, 0.99, 1e-8,
+    "fp32: differences of ~1e-7 relative reorder only runner-ups tied that closely (about 1 in 10^4 positions)")
+DISTRIBUTION_TOLERANCES = {
+    ("fp32", "teacher_forced"): _DIST_FP32,
+    ("fp32", "end_to_end"): _DIST_FP32,
+    ("bf16", "teacher_forced"): DistributionTolerance(
+        1.0, 0.98, 0.98, 1e-6,
+        "the head alone, fed the reference's last hidden state: logits differ only where a bf16 rounding does"),
+    ("bf16", "end_to_end"): DistributionTolerance(
+        0.98, 0.95, 0.95, 1e-4,
+        "bf16 drift compounds through the layers and reorders near-tied runner-ups (upstream itself moves its "
+        "logits by about one bf16 step between compilations)"),
+}
+
+
+# ---- what the processor may change, bit by bit --------------------------------------------------------
+#
+# fp32 results depend on the processor: vector width, FMA contraction and the summation order of XLA's
+# and torch's CPU kernels (AVX2, AVX-512, AMX, NEON) differ, so bits measured on one machine are a
+# statement about that machine. Comparisons at the bit level (against the golden upstream run) are
+# sized from the arithmetic instead. Bits are asserted exactly only where the arithmetic is defined to
+# the bit on every processor: int8 x bf16 dequantization, the bf16 rounding of one fp32 value, copies.
+
+FP32_EPS = 2.0**-23  # spacing of fp32 values at 1.0
+BF16_EPS = 2.0**-7  # spacing of bf16 values at 1.0 (8 significant bits)
+# exp, tanh and rsqrt of different math libraries (XLA's polynomials, glibc, SLEEF) differ by a few ulps.
+TRANSCENDENTAL_ULPS = 4
+# bf16 roundings between a decoder layer's input and any of its outputs that a flipped last bit can
+# cascade through: norm, projection, attention softmax or expert, post-norm.
+ROUNDINGS_PER_LAYER = 4
+ROUNDINGS_IN_HEAD = 2  # the final norm, the tied output projection
+
+
+def fp32_sum_bound(abs_sum, n_terms: int):
+    """Largest difference between two fp32 evaluations of one sum (or dot product) of `n_terms` terms, in
+    any order, with or without FMA: each is within n * u * sum|t| of the exact value (u = eps/2, one
+    rounding per term and product), so two are within n * eps * sum|t|. `abs_sum` is sum|t| (an array
+    gives a bound per element)."""
+    return n_terms * FP32_EPS * abs_sum
+
+
+def softmax_bound(probs, logit_bound):
+    """|dp| of an fp32 softmax whose logits each move by at most `logit_bound` (per row, broadcast) and
+    whose exp, sum and division round differently: dp_i / p_i = dl_i - sum_j p_j dl_j <= 2 L, plus
+    (TRANSCENDENTAL_ULPS + n + 2) eps relative for exp, the n-term sum and the division."""
+    n = probs.shape[-1]
+    return probs * (2 * logit_bound + (TRANSCENDENTAL_ULPS + n + 2) * FP32_EPS)
+
+
+def bf16_flip_allowance(n_terms: int, roundings: int) -> float:
+    """The fraction of bf16 values that two processors may round to different neighbours, for values made
+    through `roundings` bf16 roundings of fp32 sums of at most `n_terms` terms. An fp32 difference d moves
+    a value across a rounding boundary with probability d / ulp_bf16(v); d <= n eps |v| for sums whose
+    terms share the result's sign (fp32_sum_bound) against ulp_bf16(v) >= BF16_EPS |v| / 2, so each
+    rounding allows 2 n eps / BF16_EPS = n * 2**-15 (1.0 % for the golden config's 344-term expert sums),
+    and each flipped intermediate may pass its flip on to the next rounding."""
+    return roundings * 2 * n_terms * FP32_EPS / BF16_EPS
+
+
+def bf16_value_bound(ref, roundings: int):
+    """Elementwise bound on a bf16 value whose last bit may have flipped in each of `roundings` cascaded
+    roundings: one bf16 step of the value per rounding, the tensor's RMS standing in for the magnitude of
+    values cancelled to near zero."""
+    import numpy as np
+
+    ref = np.asarray(ref, dtype=np.float64)
+    rms = float(np.sqrt(np.mean(ref**2))) if ref.size else 0.0
+    return roundings * BF16_EPS * (np.abs(ref) + rms)
+
+
+def longest_reduction(config, seq_len: int) -> int:
+    """The most terms of any fp32 sum in a decoder layer: the model width (norms, q/k/v and router), the
+    expert width (down projection), the attention width (output projection) or the keys (softmax)."""
+    return max(config.emb_size, config.ffn_size, config.num_q_heads * config.key_size, seq_len)

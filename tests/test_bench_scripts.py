@@ -92,7 +92,7 @@ def test_synthetic_checkpoint_is_valid_converts_and_verifies(tmp_path):
     # it converts (config.json picked up from SRC) and verifies bit for bit
     for dtype in ("int8", "bf16"):
         out = tmp_path / f"out-{dtype}"
-        run(*GROK_TORCH, "convert", src, out, "--dtype", dtype, "--no-progress")
+        run(*GROK_TORCH, "convert", src, out, "--weights", dtype, "--no-progress")
         assert "ok:" in run(*GROK_TORCH, "verify", src, out).stdout
     # refuses to write into a non-empty directory
     refused = run(sys.executable, SCRIPTS / "make_synthetic_checkpoint", src, "--config", "tiny", check=False)

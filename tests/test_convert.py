@@ -361,6 +361,25 @@ def test_verify_names_a_corrupted_tensor(tmp_path, converted):
     assert "int8 weight x bf16 scales" in mismatches[0]
 
 
+def test_verify_catches_a_bug_in_the_converters_own_rendering(tmp_path, config, monkeypatch):
+    """verify computes what each tensor must hold with code of its own, so a bug in the converter's
+    dequantization (here: scale groups applied to interleaved columns) shows, even while it is in effect."""
+    import convert.plan
+
+    def interleaved(weight, scales):
+        *lead, out_features, in_features = weight.shape
+        groups = scales.shape[-1]
+        w = weight.astype(np.float32).reshape(*lead, out_features, in_features // groups, groups)
+        return (w * scales.astype(np.float32)[..., None, :]).reshape(*lead, out_features, in_features)
+
+    monkeypatch.setattr(convert.plan, "dequantize_torch_layout", interleaved)
+    directory = convert_checkpoint(GOLDEN_DIR, tmp_path / "bad", config, weights="bf16").dst
+    mismatches = verify(GOLDEN_DIR, directory)
+    wrong = sorted({m.split(":")[0].split(".", 2)[-1] for m in mismatches})
+    assert wrong == ["attn.o_proj.weight", "moe.down_proj.weight"], mismatches[:3]  # the grouped-scale ones
+    assert all("int8 weight x bf16 scales (upstream's dequantization)" in m for m in mismatches)
+
+
 def test_verify_reports_missing_and_unexpected_tensors(tmp_path, config):
     from convert.disk.safetensors_writer import write_sharded_safetensors
 

@@ -58,7 +58,7 @@ def test_convert_inspect_verify_export_round_trip(tmp_path):
 
 
 def test_config_json_in_src_is_used_by_default(tmp_path):
-    result = run("convert", GOLDEN_DIR, tmp_path / "bf16", "--dtype", "bf16")
+    result = run("convert", GOLDEN_DIR, tmp_path / "bf16", "--weights", "bf16")
     assert result.exit_code == 0, result.output
     assert f"using config {GOLDEN_DIR / 'config.json'}" in result.stderr
     result = run("export-upstream", tmp_path / "bf16", tmp_path / "back")
@@ -91,15 +91,37 @@ def test_malicious_checkpoint_prints_one_error_and_runs_nothing(tmp_path):
 def test_bad_options_are_usage_errors(tmp_path):
     result = run("convert", GOLDEN_DIR, tmp_path / "out", "--max-shard-size", "5 parsecs")
     assert result.exit_code == 2 and "invalid size" in result.output
-    result = run("convert", GOLDEN_DIR, tmp_path / "out", "--dtype", "int4")
+    result = run("convert", GOLDEN_DIR, tmp_path / "out", "--weights", "int4")
     assert result.exit_code == 2
     assert_user_error(run("convert", GOLDEN_DIR, tmp_path / "out", "--config", "grok-9"), "neither a preset")
     assert_user_error(run("inspect", tmp_path / "nothing"), "no such directory")
 
 
+def test_convert_dtype_is_the_deprecated_name_of_weights(tmp_path):
+    result = run("convert", GOLDEN_DIR, tmp_path / "old", "--config", CONFIG, "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    assert "warning: convert --dtype is deprecated" in result.stderr and "use --weights" in result.stderr
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["weight_format"] == "bf16"
+    result = run("convert", GOLDEN_DIR, tmp_path / "both", "--config", CONFIG, "--dtype", "bf16", "--weights", "fp32")
+    assert_user_error(result, "--dtype bf16 and --weights fp32 disagree")
+    assert not (tmp_path / "both").exists()
+    assert "--dtype" not in CliRunner().invoke(convert_cmd, ["--help"]).output  # hidden: --weights is the name
+
+
+def test_convert_checkpoint_dtype_argument_is_deprecated(tmp_path):
+    from convert.converter import convert_checkpoint
+    from support.checkpoints import golden_config
+
+    with pytest.warns(DeprecationWarning, match="dtype= is deprecated, use weights="):
+        result = convert_checkpoint(GOLDEN_DIR, tmp_path / "out", golden_config(), dtype="fp32")
+    assert result.weight_format == "fp32"
+    with pytest.raises(ValueError, match="disagree"):
+        convert_checkpoint(GOLDEN_DIR, tmp_path / "out2", golden_config(), weights="bf16", dtype="fp32")
+
+
 def test_verify_mismatch_exits_3(tmp_path):
-    run("convert", GOLDEN_DIR, tmp_path / "a", "--dtype", "bf16")
-    run("convert", GOLDEN_DIR, tmp_path / "b", "--dtype", "fp32")
+    run("convert", GOLDEN_DIR, tmp_path / "a", "--weights", "bf16")
+    run("convert", GOLDEN_DIR, tmp_path / "b", "--weights", "fp32")
     result = run("verify", tmp_path / "a", tmp_path / "b")
     assert_user_error(result, "mismatch(es)", exit_code=3)
     assert "tensor layers.0.attn.k_proj.weight: float32[128, 64], expected bfloat16[128, 64]" in result.stdout

@@ -12,7 +12,10 @@ from grok_torch.config import GrokConfig
 from grok_torch.model import Grok
 from grok_torch.loading import from_state_dict
 from parity.harness import load_golden, parity_tokens, run_golden
+from parity.compare import distribution_agreement
 from parity.init import init_params
+from parity.tolerances import DISTRIBUTION_TOLERANCES
+from support.golden import check_head, check_layer
 
 
 def random_model(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, **init) -> Grok:
@@ -120,24 +123,26 @@ def test_mixed_weight_formats_load_and_agree():
 
 
 def test_golden_upstream_activations(golden_dir):
-    """Against activations of the upstream JAX code (bf16): teacher-forced layers within bf16
-    tolerance with the same experts, end-to-end argmax agreement on every unpadded position."""
+    """Against activations of the upstream JAX code (bf16): the parity report passes; teacher-forced layers
+    and head within the portable bit-level allowances (tests/support/golden.py; measured on an AMD EPYC
+    (Zen 5): layer outputs >= 99.76 % bit-exact, head 100 %); end to end, the bf16 distribution tier
+    (measured: argmax and runner-up 100 %, 84 % of logits bit-exact)."""
     report = run_golden(golden_dir)
     assert report.passed, report.first_failure
-    _, state, tokens, ref = load_golden(golden_dir)
+    config, state, tokens, ref = load_golden(golden_dir)
     from parity.harness import torch_end_to_end, torch_teacher_forced
 
-    model = from_state_dict(state, GrokConfig.from_json(golden_dir / "config.json"), dtype="bf16")
+    model = from_state_dict(state, config, dtype="bf16")
     forced = torch_teacher_forced(model, tokens, ref)
-    for i in range(model.config.num_layers):
-        exact = np.mean(forced[f"decoder_layer_{i}.out"] == ref[f"decoder_layer_{i}.out"])
-        assert exact >= 0.997, f"layer {i}: only {exact:.4f} of outputs bit-exact"  # measured >= 0.9976
-        assert np.array_equal(forced[f"decoder_layer_{i}.expert_index"], ref[f"decoder_layer_{i}.expert_index"])
-    assert np.array_equal(forced["logits"], ref["logits"])  # the head is bit-exact (measured)
+    problems = []
+    for i in range(config.num_layers):
+        router = state[f"layers.{i}.moe.router.weight"].numpy().T  # haiku layout [D, E]
+        problems += check_layer(i, forced, ref, router, config, config.num_selected_experts)
+    problems += check_head(forced, ref, config)
+    assert problems == []
     ours = torch_end_to_end(model, tokens)
-    real = tokens > 0
-    assert np.array_equal(ours["logits"].argmax(-1)[real], ref["logits"].argmax(-1)[real])
-    assert np.mean(ours["logits"] == ref["logits"]) >= 0.75  # measured 0.84; README: about 0.77
+    agreement = distribution_agreement(ours["logits"], ref["logits"], tokens > config.pad_token)
+    assert DISTRIBUTION_TOLERANCES[("bf16", "end_to_end")].accepts(agreement), agreement
 
 
 def test_golden_catches_layer_order_in_numeric_order(golden_dir):

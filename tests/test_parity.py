@@ -131,3 +131,21 @@ def test_parity_cli_unknown_config_is_one_clear_line():
     result = CliRunner().invoke(main, ["parity", "--config", "no-such-preset"])
     assert result.exit_code == 1 and "neither a preset" in result.output
     assert "Traceback" not in result.output
+
+
+def test_parity_cli_refuses_options_that_do_not_apply(golden_dir):
+    result = CliRunner().invoke(main, ["parity", "--golden", str(golden_dir), "--dtype", "fp32", "--config", "tiny",
+                                       "--seed", "3"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: --config, --dtype, --seed do not apply with --golden: the golden run "
+                                     "fixes its config, weights, tokens and bf16 compute")
+    result = CliRunner().invoke(main, ["parity", "--weights", "bf16", "--plain-moe"])
+    assert result.exit_code == 1 and "apply only to --weights int8" in result.output
+
+
+def test_parity_weights_option_stores_the_random_linears_as_asked():
+    seen = []
+    hook = lambda model: seen.append((model.layers[0].attn.q_proj.weight.dtype, model.layers[0].moe.down_proj.quantized))
+    report = run_parity(GrokConfig.from_name("tiny-1l"), dtype="bf16", weights="bf16", seq_len=32, model_hook=hook)
+    assert report.passed and report.details["weights"] == "bf16"
+    assert seen == [(torch.bfloat16, False)]

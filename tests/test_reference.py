@@ -1,8 +1,9 @@
 """parity.reference (the JAX/haiku model of upstream Grok-1) and parity.init.
 
 The golden reference (activations recorded from the upstream code itself, tests/assets/golden-12l)
-is the truth: the reference must reproduce it bit for bit almost everywhere. Thresholds sit just
-below the values measured with jax 0.10.2 / dm-haiku 0.0.17 on a CPU (noted beside each).
+is the truth: the reference must reproduce its bits wherever the arithmetic fixes them, and elsewhere
+stay within the allowances of parity.tolerances, sized from the arithmetic so that they hold on any
+processor (tests/support/golden.py); what one machine measured is noted beside each test.
 """
 
 import dataclasses
@@ -13,30 +14,21 @@ import numpy as np
 import pytest
 
 import parity.reference as reference
+from support.golden import bit_exact, check_head, check_layer
 from convert.upstream.param_names import checkpoint_layout
 from convert.upstream.quantized import QuantizedWeight8bit
 from grok_torch.config import GrokConfig
+from parity.compare import compare_tensor, distribution_agreement
 from parity.harness import parity_tokens
 from parity.init import init_params, qk_std_mult
+from parity.tolerances import (BF16_END_TO_END, BF16_TEACHER_FORCED, DISTRIBUTION_TOLERANCES, NEAR_TIE_MARGIN,
+                               ROUNDINGS_PER_LAYER, bf16_flip_allowance, longest_reduction)
 from parity.reference import (init_reference_params, reference_decoder_layer, reference_forward, reference_head,
                               reference_param_shapes)
 
 LAYER_KEYS = ("input", "attn_norm", "q_proj", "k_proj", "v_proj", "attn_context", "attn_out", "attn_post_norm",
               "h_after_attn", "moe_norm", "router_logits", "router_probs", "expert_index", "expert_gate",
               "moe_out", "moe_post_norm", "out")
-
-# Teacher forcing (each layer fed the golden input to it): the smallest fraction of bit-exact values
-# over the 12 layers. Measured: q/k/v_proj, attn_norm, input 100 %; attn_context 99.951 % (pooled
-# 99.996 %); attn_out, attn_post_norm, moe_out, moe_post_norm 99.658 % (pooled ~99.97 %);
-# h_after_attn, moe_norm 99.976 %; out 99.951 % (pooled 99.996 %). Max abs diffs: out 0.031,
-# moe_post_norm 0.0078, others <= 0.0039 (one bf16 step of the value).
-MIN_BIT_EXACT_TF = {"input": 1.0, "attn_norm": 1.0, "q_proj": 1.0, "k_proj": 1.0, "v_proj": 1.0,
-                    "attn_context": 0.999, "attn_out": 0.995, "attn_post_norm": 0.995, "h_after_attn": 0.999,
-                    "moe_norm": 0.999, "moe_out": 0.995, "moe_post_norm": 0.995, "out": 0.999}
-# fp32 router values: bit-exact except where the bf16 router input (moe_norm) differs; measured
-# 98.438 % in the worst layer (pooled 99.870 %), max abs diff 2.6e-4 (logits) and 5.3e-5 (probs).
-MIN_BIT_EXACT_TF_ROUTER = 0.98
-MAX_ABS_TF_ROUTER = {"router_logits": 1e-3, "router_probs": 2e-4, "expert_gate": 2e-4}
 
 
 # ---- the golden reference -------------------------------------------------------------------------
@@ -89,43 +81,59 @@ def golden_teacher_forced(golden):
     return _teacher_forced(*golden)
 
 
-def _bit_exact(ours, ref):
-    return float(np.mean(np.asarray(ours, np.float32).reshape(ref.shape) == ref))
-
-
 def test_golden_teacher_forced_layers(golden, golden_teacher_forced):
-    config, _, _, ref = golden
+    """Fed the golden input to each layer, every sub-module's output matches upstream's bits within the
+    portable allowances of tests/support/golden.py (measured on an AMD EPYC (Zen 5) with jax 0.10.2: q/k/v and
+    the norms 100 % bit-exact, attn_out 99.66 %, moe_out 99.66 %, experts identical; fp32 router logits
+    30 % bit-exact in the worst layer, every one within the dot-product bound)."""
+    config, params, _, ref = golden
     got = golden_teacher_forced
     assert set(got) == {f"decoder_layer_{i}.{k}" for i in range(config.num_layers) for k in LAYER_KEYS}
+    problems = []
     for i in range(config.num_layers):
-        p = f"decoder_layer_{i}."
-        # The same experts for every token, in top_k order (measured: all 12 x 64 tokens).
-        assert got[p + "expert_index"].dtype == np.int32
-        np.testing.assert_array_equal(got[p + "expert_index"], ref[p + "expert_index"])
-        for key, minimum in MIN_BIT_EXACT_TF.items():
-            assert got[p + key].shape == ref[p + key].shape, p + key
-            assert _bit_exact(got[p + key], ref[p + key]) >= minimum, (p + key, _bit_exact(got[p + key], ref[p + key]))
-        for key, max_abs in MAX_ABS_TF_ROUTER.items():
-            assert _bit_exact(got[p + key], ref[p + key]) >= MIN_BIT_EXACT_TF_ROUTER, p + key
-            np.testing.assert_allclose(got[p + key], ref[p + key], rtol=0, atol=max_abs, err_msg=p + key)
+        assert got[f"decoder_layer_{i}.expert_index"].dtype == np.int32
+        router = params[f"transformer/decoder_layer_{i}/router"]["w"]
+        problems += check_layer(i, got, ref, router, config, config.num_selected_experts)
+    assert problems == []
 
 
-def test_golden_head_is_bit_exact(golden):
-    """Final norm and tied output head on the golden last hidden state: measured 100 % bit-exact
-    (needs upstream's D-sharded partial products; one plain bf16 matmul gives 61 %)."""
+def test_golden_teacher_forced_check_catches_a_bf16_router(golden, golden_teacher_forced):
+    """The router bound can fail: router logits rounded to bf16 (a common port bug) are far outside it."""
+    config, params, _, ref = golden
+    got = dict(golden_teacher_forced)
+    key = "decoder_layer_0.router_logits"
+    got[key] = got[key].astype(ml_dtypes.bfloat16).astype(np.float32)
+    router = params["transformer/decoder_layer_0/router"]["w"]
+    assert any("router_logits" in p for p in check_layer(0, got, ref, router, config, config.num_selected_experts))
+
+
+def test_golden_head(golden):
+    """Final norm and tied output head on the golden last hidden state, within the head's allowance
+    (measured here: 100 % bit-exact; upstream's D-sharded partial products are needed: one plain bf16
+    matmul matches 61 % of the logits, far outside it)."""
     config, params, _, ref = golden
     logits, values = reference_head(params, ref[f"decoder_layer_{config.num_layers - 1}.out"], config)
-    np.testing.assert_array_equal(values["final_norm"], ref["final_norm"])
-    np.testing.assert_array_equal(logits, ref["logits"])
-    np.testing.assert_array_equal(values["logits"], logits)
+    assert check_head({"final_norm": values["final_norm"], "logits": logits}, ref, config) == []
+    np.testing.assert_array_equal(values["logits"], logits)  # the same computation, returned twice
+
+
+def _end_to_end_checks(logits, captured, tokens, ref, config):
+    real = tokens > config.pad_token
+    comparison = compare_tensor("logits", logits, ref["logits"], BF16_END_TO_END["logits"], "logits")
+    assert comparison.passed, comparison.describe()
+    agreement = distribution_agreement(logits, ref["logits"], real)
+    assert DISTRIBUTION_TOLERANCES[("bf16", "end_to_end")].accepts(agreement), agreement
+    for i in range(config.num_layers):
+        p = f"decoder_layer_{i}."
+        flips = (np.sort(captured[p + "expert_index"], -1) != np.sort(ref[p + "expert_index"], -1)).any(-1)
+        assert np.all(ref[p + "router_topk_margin"][flips] < NEAR_TIE_MARGIN[("bf16", "end_to_end")]), \
+            f"{p}: a clear expert choice flipped"
 
 
 def test_golden_end_to_end(golden):
-    """From the tokens. Upstream's logits were computed one batch row per call, so is this.
-    Measured: argmax 100 % (all 64 positions), 81.30 % of logits bit-exact, max abs diff 0.125 at
-    logit std 0.50, relative RMS error 1.3 %; experts 99.74 % of layer-tokens (2 flips, both
-    near-ties with router margins 0.002 and 0.005). The whole batch in one call: 96.78 % bit-exact,
-    max abs diff 0.016, every expert the same (XLA's kernels differ with the batch shape)."""
+    """From the tokens, one batch row per call as upstream's logits were computed, then the whole batch.
+    Measured here: argmax 100 %, runner-up 100 %, 81 % of logits bit-exact (relative RMS error 1.3 %);
+    2 expert flips of 768 layer-tokens, both near-ties (margins 0.002 and 0.005)."""
     config, params, tokens, ref = golden
     rows = [reference_forward(params, tokens[b:b + 1], config, fprop_dtype="bf16", capture=True)
             for b in range(tokens.shape[0])]
@@ -133,21 +141,10 @@ def test_golden_end_to_end(golden):
     captured = {k: np.concatenate([r[1][k] for r in rows]) for k in rows[0][1]}
     assert logits.dtype == np.float32 and logits.shape == ref["logits"].shape
     np.testing.assert_array_equal(captured["logits"], logits)
-    np.testing.assert_array_equal(captured["input_embeddings"], ref["input_embeddings"])
-    assert np.array_equal(logits.argmax(-1), ref["logits"].argmax(-1))
-    assert _bit_exact(logits, ref["logits"]) >= 0.78
-    assert np.abs(logits - ref["logits"]).max() <= 0.25
-    for i in range(config.num_layers):
-        p = f"decoder_layer_{i}."
-        flips = (captured[p + "expert_index"] != ref[p + "expert_index"]).any(-1)
-        assert np.all(ref[p + "router_topk_margin"][flips] < 0.01), f"{p}: a clear expert choice flipped"
-
+    np.testing.assert_array_equal(captured["input_embeddings"], ref["input_embeddings"])  # exact by definition
+    _end_to_end_checks(logits, captured, tokens, ref, config)
     batched, values = reference_forward(params, tokens, config, fprop_dtype="bf16", capture=True)
-    assert np.array_equal(batched.argmax(-1), ref["logits"].argmax(-1))
-    assert _bit_exact(batched, ref["logits"]) >= 0.95
-    assert np.abs(batched - ref["logits"]).max() <= 0.05
-    for i in range(config.num_layers):
-        np.testing.assert_array_equal(values[f"decoder_layer_{i}.expert_index"], ref[f"decoder_layer_{i}.expert_index"])
+    _end_to_end_checks(batched, values, tokens, ref, config)
 
 
 def test_golden_needs_the_compiler_options(golden, golden_teacher_forced, monkeypatch):
@@ -163,11 +160,12 @@ def test_golden_needs_the_compiler_options(golden, golden_teacher_forced, monkey
         loose = _teacher_forced(config, params, tokens, ref)
     finally:
         reference.clear_compilation_cache()
-    worst = min(_bit_exact(loose[f"decoder_layer_{i}.moe_out"], ref[f"decoder_layer_{i}.moe_out"])
+    worst = min(bit_exact(loose[f"decoder_layer_{i}.moe_out"], ref[f"decoder_layer_{i}.moe_out"])
                 for i in range(config.num_layers))
-    assert worst < 0.5
-    assert min(_bit_exact(golden_teacher_forced[f"decoder_layer_{i}.moe_out"], ref[f"decoder_layer_{i}.moe_out"])
-               for i in range(config.num_layers)) > 0.99
+    allowance = bf16_flip_allowance(longest_reduction(config, tokens.shape[1]), ROUNDINGS_PER_LAYER)
+    assert worst < 0.5 < 1 - allowance
+    assert min(bit_exact(golden_teacher_forced[f"decoder_layer_{i}.moe_out"], ref[f"decoder_layer_{i}.moe_out"])
+               for i in range(config.num_layers)) >= 1 - allowance
 
 
 # ---- the parameter tree and the random init ------------------------------------------------------
@@ -253,9 +251,9 @@ def test_padded_batch_equals_rows_one_at_a_time(dtype):
     logits, values = reference_forward(params, tokens, TINY, fprop_dtype=dtype, capture=True)
     for b in range(tokens.shape[0]):
         row, row_values = reference_forward(params, tokens[b:b + 1], TINY, fprop_dtype=dtype, capture=True)
-        if dtype == "bf16":
-            assert np.mean(row[0] == logits[b]) >= 0.95
-            assert np.sqrt(np.mean((row[0] - logits[b]) ** 2)) <= 0.01 * np.sqrt(np.mean(logits[b] ** 2))
+        if dtype == "bf16":  # the bf16 logits tier: a few bf16 steps on at most 1 % of the values
+            comparison = compare_tensor("logits", row[0][None], logits[b][None], BF16_TEACHER_FORCED["logits"], "logits")
+            assert comparison.passed, comparison.describe()
         else:
             np.testing.assert_allclose(row[0], logits[b], rtol=1e-5, atol=1e-5 * np.abs(logits).max())
         real = tokens[b] > TINY.pad_token

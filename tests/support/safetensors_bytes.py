@@ -15,3 +15,17 @@ def tensor_byte_range(path: Path, name: str) -> tuple[int, int]:
         header = json.loads(f.read(header_len))
     begin, end = header[name]["data_offsets"]
     return 8 + header_len + begin, 8 + header_len + end
+
+
+def read_header(path: Path) -> tuple[dict, bytes]:
+    """(header JSON, data bytes) of a safetensors file."""
+    raw = Path(path).read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + header_len]), raw[8 + header_len:]
+
+
+def write_with_header(path: Path, header: dict | bytes, data: bytes) -> None:
+    """Write a safetensors file from a header (a dict, or raw JSON bytes) and data bytes, as given."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
