@@ -25,8 +25,9 @@ DEFAULT_TOKENIZER = "tokenizer.model"
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the sampling generator.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help=f"SentencePiece model (the release's tokenizer.model) [default: PATH/{DEFAULT_TOKENIZER}].")
-@click.option("--weights", type=click.Choice(["int8", "bf16", "fp32"]), default="int8", show_default=True,
-              help="Keep int8 weights (weight-only quantized matmuls) or dequantize them.")
+@click.option("--weights", type=click.Choice(["int8", "bf16", "fp32"]), default=None,
+              help="Stored weight format to compute with [default: as PATH stores them]: int8 keeps int8 weights "
+                   "(weight-only quantized matmuls, needs an int8 conversion), bf16/fp32 dequantize them.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="Compute dtype (bf16 is upstream's).")
 @click.option("--truncate", is_flag=True,

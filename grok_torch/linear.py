@@ -94,9 +94,25 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
             self.scales = None
 
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) casts every floating buffer; scales stay bf16 (their values are bf16 either way),
+        # so `model.to(torch.float32)` changes the compute dtype and leaves the quantization as it is.
+        result = super()._apply(fn, recurse)
+        if self.scales is not None and self.scales.dtype != torch.bfloat16 and self.scales.is_floating_point():
+            self.scales = self.scales.to(torch.bfloat16)
+        return result
+
     @property
     def quantized(self) -> bool:
         return self.scales is not None
+
+    @property
+    def weight_format(self) -> str:
+        """"int8" (with scales), "bf16" or "fp32": how the weight is stored now."""
+        if self.quantized:
+            return "int8"
+        return next((name for name, dtype in WEIGHT_DTYPES.items() if dtype == self.weight.dtype),
+                    str(self.weight.dtype).removeprefix("torch."))
 
     def materialize(self, dtype: torch.dtype, index: int | None = None) -> Float[Tensor, "*stack out inp"]:
         """The float weight `[*stack, out, in]` (or stacked matrix `index`: `[out, in]`) in `dtype`.

@@ -16,7 +16,7 @@ from torch import nn
 
 from grok_torch.config import GrokConfig
 from grok_torch.converted_dir import WEIGHT_FORMATS, ConvertedDir, LoadError
-from grok_torch.model import Grok
+from grok_torch.model import COMPUTE_DTYPES, Grok
 
 __all__ = ["load", "from_state_dict", "LoadError"]
 
@@ -68,16 +68,27 @@ def convert_linear_weights(model: nn.Module, weights: str) -> None:
             module.weight = nn.Parameter(dense, requires_grad=False)
 
 
+def _convert_weights(model: Grok, weights: str | None, where: str) -> None:
+    """Bring the linear layers to `weights`: None keeps what is stored; "bf16"/"fp32" dequantize int8 ones
+    (and cast float ones); "int8" needs int8 to be stored: float weights cannot become int8 here."""
+    if weights is None or weights == model.weights:
+        return
+    if weights == "int8":
+        raise LoadError(f"{where} stores {model.weights} weights, which cannot be loaded as int8 (grok-torch does not "
+                        f"quantize); load with weights=None (as stored) or weights=\"{model.weights}\"")
+    convert_linear_weights(model, weights)
+
+
 def from_state_dict(state: dict[str, torch.Tensor], config: GrokConfig, *, weights: str | None = None,
                     dtype: str = "bf16", device: str | torch.device | None = None, where: str = "state dict") -> Grok:
     """A Grok model holding exactly the tensors of `state` (assigned, not copied).
 
-    Each linear is int8 + scales or float, as `state` has it; `weights` "bf16"/"fp32" dequantizes the int8
-    ones, None or "int8" keeps them. `dtype` is the compute dtype. Missing, unexpected or mistyped tensors
-    raise LoadError naming them (`where` says whose they are).
+    weights: None keeps each linear as `state` has it (int8 + scales, or float); "bf16"/"fp32" dequantize
+    the int8 ones with upstream's rounding; "int8" requires them to be int8. `dtype` is the compute dtype.
+    Missing, unexpected or mistyped tensors raise LoadError naming them (`where` says whose they are).
     """
     if weights is not None and weights not in WEIGHT_FORMATS:
-        raise LoadError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+        raise LoadError(f"weights must be one of {', '.join(WEIGHT_FORMATS)} or None, got {weights!r}")
     model = Grok(config, weights="int8", dtype=dtype, device="meta")
     _check_state(state, model, where)
     try:
@@ -88,26 +99,25 @@ def from_state_dict(state: dict[str, torch.Tensor], config: GrokConfig, *, weigh
     if unfilled:
         raise LoadError(f"{where}: no data for tensor(s): {', '.join(unfilled[:8])}")
     # The embedding is used in the compute dtype (upstream casts it before each use).
-    model.embedding.weight = nn.Parameter(model.embedding.weight.to(model.dtype), requires_grad=False)
-    if weights in ("bf16", "fp32"):
-        convert_linear_weights(model, weights)
+    model.embedding.weight = nn.Parameter(model.embedding.weight.to(COMPUTE_DTYPES[dtype]), requires_grad=False)
+    _convert_weights(model, weights, where)
     model.requires_grad_(False)
     if device is not None:
         model = model.to(device)
     return model.eval()
 
 
-def load(path: str | os.PathLike, *, weights: str = "int8", dtype: str = "bf16",
+def load(path: str | os.PathLike, *, weights: str | None = None, dtype: str = "bf16",
          device: str | torch.device = "cpu") -> Grok:
     """Build a Grok model from a converted directory.
 
-    weights: "int8" keeps int8 + bf16 scales where the checkpoint has them (weight-only quantized
-    matmuls); "bf16"/"fp32" dequantize them. dtype: the compute dtype, "bf16" or "fp32".
-    A directory that is not a valid conversion, and missing, unexpected or mistyped tensors, raise
-    LoadError naming the file and tensor.
+    weights: None (the default) keeps what the directory stores: int8 + bf16 scales for an int8
+    conversion (weight-only quantized matmuls); "bf16"/"fp32" dequantize them; "int8" requires an int8
+    directory. dtype: the compute dtype, "bf16" or "fp32". A directory that is not a valid conversion,
+    and missing, unexpected or mistyped tensors, raise LoadError naming the file and tensor.
     """
-    if weights not in WEIGHT_FORMATS:
-        raise LoadError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise LoadError(f"weights must be one of {', '.join(WEIGHT_FORMATS)} or None, got {weights!r}")
     directory = ConvertedDir(path)
     state = {name: directory.tensor(name) for name in directory.tensors}
     return from_state_dict(state, directory.config.config, weights=weights, dtype=dtype, device=device,

@@ -277,24 +277,46 @@ class GrokOutput(NamedTuple):
 class Grok(nn.Module):
     """The Grok-1 language model: tokens [B, T] -> logits [B, T, vocab].
 
-    weights: "int8" (int8 + bf16 scales, weight-only quantized matmuls), "bf16" or "fp32".
-    dtype: the compute dtype, "bf16" (upstream's) or "fp32".
+    weights: how the linear layers are stored, "int8" (int8 + bf16 scales, weight-only quantized matmuls;
+    the release's format, and the default), "bf16" or "fp32".
+    dtype: the compute dtype, "bf16" (upstream's) or "fp32". It is the embedding table's dtype, so
+    `model.to(torch.float32)` computes in fp32 from then on.
     device="meta" builds the model without memory (then fill it with grok_torch.load).
     """
 
-    def __init__(self, config: GrokConfig, *, weights: str = "bf16", dtype: str = "bf16",
+    def __init__(self, config: GrokConfig, *, weights: str | None = None, dtype: str = "bf16",
                  device: torch.device | str | None = None):
         super().__init__()
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype!r}")
+        weights = weights or "int8"
         self.config = config
-        self.weights = weights
-        self.dtype = COMPUTE_DTYPES[dtype]
         # Upstream casts the fp32 table to the activation dtype before both of its uses (lookup and
         # tied output head), so keeping it in the compute dtype changes nothing.
-        self.embedding = nn.Embedding(config.vocab_size, config.emb_size, device=device, dtype=self.dtype)
+        self.embedding = nn.Embedding(config.vocab_size, config.emb_size, device=device, dtype=COMPUTE_DTYPES[dtype])
         self.layers = nn.ModuleList(DecoderLayer(config, i, weights, device) for i in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.rms_norm_eps, device)  # language_model/rms_norm
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the embedding table's (set at build or load, changed by `model.to(dtype)`)."""
+        dtype = self.embedding.weight.dtype
+        if dtype not in COMPUTE_DTYPES.values():
+            raise ValueError(f"compute dtype {dtype} is not supported; use torch.bfloat16 or torch.float32")
+        return dtype
+
+    @property
+    def weights(self) -> str:
+        """How the linear layers store their weights now: "int8", "bf16", "fp32", or "mixed (...)"."""
+        formats = sorted({linear.weight_format for name, linear in self.named_modules()
+                          if isinstance(linear, Linear) and not name.endswith(".router")})  # the router is fp32
+        return formats[0] if len(formats) == 1 else f"mixed ({', '.join(formats)})"
+
+    def num_weights(self) -> int:
+        """Weight elements, int8 ones included (they are buffers, not parameters) and scales not counted:
+        what "a 314B model" counts (315,684,820,992 for grok-1)."""
+        return sum(t.numel() for name, t in [*self.named_parameters(), *self.named_buffers()]
+                   if not name.endswith(".scales"))
 
     def embed(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq dim"]:
         x = self.embedding(tokens).to(self.dtype)
@@ -316,12 +338,16 @@ class Grok(nn.Module):
         return KVCache.empty(self.config, batch, max_len or self.config.sequence_len, self.dtype, device)
 
     def forward(self, tokens: Int[Tensor, "batch seq"], cache: KVCache | None = None, *,
-                output_hidden_states: bool = False, record: Record = None) -> Tensor | GrokOutput:
+                record: Record = None) -> Float[Tensor, "batch seq vocab"]:
         """Logits [B, T, V] for tokens [B, T]; with `cache`, tokens continue the cached sequence.
 
-        `output_hidden_states` returns GrokOutput(logits, hidden_states); `record` collects every
-        intermediate under the golden reference's names.
+        `record` collects every intermediate under the golden reference's names.
         """
+        return self.forward_with_hidden_states(tokens, cache, record=record).logits
+
+    def forward_with_hidden_states(self, tokens: Int[Tensor, "batch seq"], cache: KVCache | None = None, *,
+                                   record: Record = None) -> GrokOutput:
+        """GrokOutput(logits [B, T, V], hidden_states: the embeddings, then each layer's output)."""
         batch, seq = tokens.shape
         key_valid = self.key_valid(tokens)
         if cache is not None:
@@ -338,6 +364,4 @@ class Grok(nn.Module):
             cache.length += seq
         logits = self.head(h, record)
         _put(record, "logits", logits)
-        if output_hidden_states:
-            return GrokOutput(logits, tuple(hidden))
-        return logits
+        return GrokOutput(logits, tuple(hidden))

@@ -35,7 +35,7 @@ BF16_ROUNDS_THE_DOWN_PROJECTION = pytest.mark.xfail(strict=True, reason=(
 @pytest.mark.parametrize("weight_format", ["int8", pytest.param("bf16", marks=BF16_ROUNDS_THE_DOWN_PROJECTION), "fp32"])
 def test_converted_golden_passes_the_golden_comparison(converted, golden, weight_format):
     _, _, tokens, ref = golden
-    model = grok_torch.load(converted[weight_format], weights="int8", dtype="bf16")
+    model = grok_torch.load(converted[weight_format], dtype="bf16")
     report = run_golden(GOLDEN_DIR, model=model)
     failure = report.first_failure
     assert report.passed, failure[1].describe() if failure else report.runs["end_to_end"].distribution
@@ -47,8 +47,8 @@ def test_converted_golden_passes_the_golden_comparison(converted, golden, weight
 def test_fp32_and_int8_conversions_compute_identical_logits(converted, golden):
     """fp32 holds exactly the weights upstream computes with, so in bf16 it runs bit for bit like int8."""
     tokens = torch.from_numpy(golden[2])
-    int8 = grok_torch.load(converted["int8"], weights="int8", dtype="bf16")
-    fp32 = grok_torch.load(converted["fp32"], weights="int8", dtype="bf16")
+    int8 = grok_torch.load(converted["int8"], dtype="bf16")
+    fp32 = grok_torch.load(converted["fp32"], dtype="bf16")
     with torch.no_grad():
         assert torch.equal(int8(tokens), fp32(tokens))
 
@@ -57,7 +57,7 @@ def test_layer_files_in_numeric_order_convert_but_fail_the_golden_comparison(tmp
     config = golden[0]
     permuted = permute_layers_numeric(GOLDEN_DIR, tmp_path / "permuted", config)
     dst = convert_checkpoint(permuted, tmp_path / "converted", config, progress=False).dst  # shapes agree
-    model = grok_torch.load(dst, weights="int8", dtype="bf16")
+    model = grok_torch.load(dst, dtype="bf16")
     report = run_golden(GOLDEN_DIR, model=model)
     assert not report.passed
     mode, failure = report.first_failure
@@ -65,6 +65,6 @@ def test_layer_files_in_numeric_order_convert_but_fail_the_golden_comparison(tmp
 
 
 def test_golden_needs_a_bf16_model_of_its_config(converted):
-    model = grok_torch.load(converted["int8"], weights="int8", dtype="fp32")
+    model = grok_torch.load(converted["int8"], dtype="fp32")
     with pytest.raises(ValueError, match="needs"):
         run_golden(GOLDEN_DIR, model=model)

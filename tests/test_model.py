@@ -62,7 +62,7 @@ def test_forward_returns_logits_and_hidden_states():
     tokens = torch.as_tensor(parity_tokens(config, batch=2, seq_len=7))
     logits = model(tokens)
     assert logits.shape == (2, 7, config.vocab_size) and logits.dtype == torch.float32
-    out = model(tokens, output_hidden_states=True)
+    out = model.forward_with_hidden_states(tokens)
     assert len(out.hidden_states) == config.num_layers + 1
     assert torch.equal(out.logits, logits)
     assert torch.isfinite(logits).all()
@@ -157,3 +157,29 @@ def test_golden_catches_layer_order_in_numeric_order(golden_dir):
             name = name.replace(f"layers.{layer}.", f"layers.{lexicographic[layer]}.", 1)
         swapped[name] = tensor
     assert not run_golden(golden_dir, state=swapped).passed
+
+
+def test_model_api_says_what_it_holds(tmp_path):
+    """weights reports what the linears store after a load; dtype follows model.to(); Grok and load default
+    to the same thing (the stored / released int8); num_weights counts int8 buffers too."""
+    config = GrokConfig.from_name("tiny")
+    state = haiku_tree_to_state_dict(init_params(config, seed=4), config)
+    assert Grok(config, device="meta").weights == "int8"
+    model = from_state_dict(state, config)
+    assert model.weights == "int8" and model.dtype == torch.bfloat16
+    assert from_state_dict(state, config, weights="bf16").weights == "bf16"
+    assert from_state_dict(state, config, weights="fp32").weights == "fp32"
+    mixed = from_state_dict(haiku_tree_to_state_dict(init_params(config, quantize_attention=False), config), config)
+    assert mixed.weights == "mixed (fp32, int8)"
+    plain = from_state_dict(state, config, weights="bf16")
+    from grok_torch.converted_dir import LoadError
+
+    with pytest.raises(LoadError, match="stores bf16 weights, which cannot be loaded as int8"):
+        from_state_dict({k: v for k, v in plain.state_dict().items()}, config, weights="int8")
+    tokens = torch.as_tensor(parity_tokens(config, batch=1, seq_len=8))
+    assert model(tokens).dtype == torch.bfloat16
+    model.to(torch.float32)
+    assert model.dtype == torch.float32 and model(tokens).dtype == torch.float32
+    assert model.num_weights() == config.num_parameters()
+    assert sum(p.numel() for p in model.parameters()) < config.num_parameters() / 2  # int8 are buffers
+    assert Grok(GrokConfig.from_name("grok-1"), device="meta").num_weights() == 315_684_820_992
