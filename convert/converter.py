@@ -7,12 +7,13 @@ complete. What each output tensor holds is `convert.plan`'s; each raw file is ma
 `convert.disk.read_ahead` keeps the disk reading the next ones; blocks are transposed into one reused buffer
 and written by `convert.disk.shard_file` (O_DIRECT, on a writer thread). That directory's journal records
 each finished shard's size and sha256, so an interrupted run can be resumed (convert.disk.resume); on an
-error or a full disk it is removed.
+error or a full disk it is removed. The index, written last, records the sha256 of every shard and of
+config.json (what `grok-torch verify DIR` checks); the destination is claimed by convert.disk.output_dir
+(a lock against a second run, replaced only if grok-torch wrote it, marked as grok-torch's when installed).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import itertools
 import os
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 
 from convert.disk.blocks import CHUNK_BYTES, Scratch, import_torch_in_background
-from convert.disk.output_dir import check_destination
+from convert.disk.output_dir import Destination
 from convert.disk.read_ahead import ReadAhead
 from convert.disk.resume import PartialOutput
 from convert.disk.safetensors_writer import (DEFAULT_MAX_SHARD_SIZE, TensorToWrite, plan_shard_files,
@@ -34,9 +35,9 @@ from convert.disk.safetensors_writer import (DEFAULT_MAX_SHARD_SIZE, TensorToWri
 from convert.plan import OutputTensor, plan_from_info
 from convert.upstream.raw_checkpoint import resolve_ckpt_dir, validate_raw_checkpoint
 from convert.upstream.tensor_file import TensorFileInfo, read_tensor_file
-from grok_torch.converted_dir import (CONFIG_FILE, check_weight_format, config_text, config_values,
-                                      grok_torch_version, is_owned_name, shard_metadata)
-from grok_torch.errors import JobInterrupted, OutOfSpaceError, deprecated_alias
+from grok_torch.converted_dir import (CONFIG_FILE, INDEX_FILE, INDEX_SHA256, check_weight_format, config_text,
+                                      config_values, grok_torch_version, shard_metadata)
+from grok_torch.errors import JobInterrupted, OutOfSpaceError, deprecated_alias, is_no_space
 from grok_torch.progress import human_bytes, progress_bar
 
 if TYPE_CHECKING:
@@ -109,14 +110,15 @@ def _source_fingerprint(pairs: list) -> list[list]:
 
 
 def _space_needed(partial: PartialOutput, files: list, extra_texts: list[str]) -> int:
-    """Bytes the rest of the conversion will occupy: the shards not reused, index, config and journal, each
-    rounded up to whole blocks of the file system."""
+    """Bytes the rest of the conversion will occupy: the shards not reused, index, config, journal and marker,
+    each rounded up to whole blocks of the file system."""
     try:
         block = max(1, os.statvfs(partial.path).f_frsize)
     except (AttributeError, OSError):
         block = 4096
     sizes = [size for name, size, _ in files if not partial.reusable(name, size)]
     sizes += [len(text.encode()) for text in extra_texts] + [64 << 10]  # the journal, generously
+    sizes.append(256 + 80 * (len(files) + 2))  # the marker: a line per file
     return sum(-(-size // block) * block for size in sizes)
 
 
@@ -127,8 +129,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
                        dtype: str | None = None) -> ConversionResult:
     """Raw checkpoint `src` (a directory holding ckpt-0/, or ckpt-0) -> converted directory `dst`.
 
-    Raises CheckpointError (source), DestinationError (dst exists / overlaps src, or an interrupted run's
-    partial output is there and `resume` is False) or ValueError (arguments) before writing anything, and
+    Raises CheckpointError (source), DestinationError (dst exists / overlaps src / was not written by
+    grok-torch / is being written by another run, or an interrupted run's partial output is there and
+    `resume` is False) or ValueError (arguments) before writing anything, and
     OutOfSpaceError when the file system of `dst` has less free space than the output needs (unless
     `check_space` is False). The output is built in `.<dst name>.partial` beside `dst` (convert.disk.resume) and
     renamed to `dst` when complete. On an error while writing (OutOfSpaceError for ENOSPC) the partial
@@ -140,7 +143,16 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
     weight_format = check_weight_format(deprecated_alias("dtype", dtype, "weights", weights, "int8"))
     log = log or (lambda message: None)
     ckpt_dir = resolve_ckpt_dir(src)
-    dst = check_destination(dst, ckpt_dir, overwrite=overwrite, replaceable=is_owned_name, what="convert")
+    with Destination(dst, ckpt_dir, overwrite=overwrite, what="convert", log=log) as target:
+        return _convert(ckpt_dir, target, config, weight_format, max_shard_size, progress, chunk_bytes, resume,
+                        check_space, log)
+
+
+def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_format: str, max_shard_size: int,
+             progress: bool | None, chunk_bytes: int, resume: bool, check_space: bool,
+             log: Callable[[str], None]) -> ConversionResult:
+    """The conversion, with the destination claimed (locked and checked) by `convert_checkpoint`."""
+    dst = target.path
     pairs = validate_raw_checkpoint(ckpt_dir, config)
     source = str(ckpt_dir.resolve())
     outputs: list[tuple[OutputTensor, TensorFileInfo]] = [
@@ -169,8 +181,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
                                              ).hexdigest()}
     written = itertools.count(1)
 
+    placeholder = {INDEX_SHA256: {name: "0" * 64 for name, _, _ in files} | {CONFIG_FILE: "0" * 64}}
     with PartialOutput(dst, options, resume=resume, log=log) as partial:
-        needed = _space_needed(partial, files, [shards_index_text(files, index_metadata), config_json])
+        needed = _space_needed(partial, files, [shards_index_text(files, index_metadata | placeholder), config_json])
         free = shutil.disk_usage(partial.path).free
         if check_space and needed > free:
             kept = "" if partial.created else f"; {partial.path} is kept for --resume"
@@ -193,11 +206,16 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
         try:
             with progress_bar(total, f"convert ({weight_format})", progress) as bar:
                 shards = write_sharded_safetensors(partial.path, tensors, max_shard_size=max_shard_size,
-                                                   metadata=metadata, index_metadata=index_metadata,
-                                                   on_bytes=bar.update, reuse_shard=partial.reuse, on_shard=on_shard)
+                                                   metadata=metadata, on_bytes=bar.update, reuse_shard=partial.reuse,
+                                                   on_shard=on_shard, write_index=False)
                 (partial.path / CONFIG_FILE).write_text(config_json)
+                # The index last, with the sha256 of every shard (as written, or as checked when reused) and of
+                # config.json: what `grok-torch verify DIR` and load(verify=True) check the directory against.
+                sums = {name: partial.records[name].sha256 for name, _, _ in files}  # in shard order
+                sums[CONFIG_FILE] = hashlib.sha256(config_json.encode()).hexdigest()
+                (partial.path / INDEX_FILE).write_text(shards_index_text(files, index_metadata | {INDEX_SHA256: sums}))
             _test_stop("install")
-            partial.finish()
+            partial.finish(target.install)
         except KeyboardInterrupt:
             if not partial.path.exists() and dst.exists():
                 raise  # interrupted after the rename: the output is complete
@@ -210,7 +228,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
             raise ConversionInterrupted(message) from None
         except OSError as err:
             partial.discard()
-            if err.errno in _NO_SPACE:
+            if is_no_space(err):
                 raise OutOfSpaceError(f"out of disk space on {dst.parent}: the conversion needs "
                                       f"{human_bytes(needed)}, {human_bytes(free)} were free when it started; "
                                       f"removed the partial output {partial.path}") from err
@@ -224,5 +242,3 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
                 torch_import.join()
     return ConversionResult(dst, weight_format, [p.name for p in shards], len(tensors), total, reused)
 
-
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
