@@ -175,8 +175,12 @@ def parity_tokens(config: GrokConfig, *, seed: int = 0, batch: int = 4, seq_len:
 
 def _check_model(model: Grok, config: GrokConfig, dtype: str, purpose: str) -> None:
     """A model handed to the harness must run the config and compute dtype being compared."""
-    if model.config != config or model.dtype != COMPUTE_DTYPES[dtype]:
-        raise ValueError(f"{purpose} needs {config} in {dtype}, not {model.config} in {model.dtype}")
+    problems = config.differences(model.config)
+    if model.dtype != COMPUTE_DTYPES[dtype]:
+        problems.append(f"compute dtype: {dtype} needed, the model computes in {str(model.dtype).removeprefix('torch.')}")
+    if problems:
+        raise ValueError(f"{purpose} needs the model of its own config and dtype; this one differs in "
+                         + "; ".join(problems))
 
 
 # ---- the two sources of truth ---------------------------------------------------------------------

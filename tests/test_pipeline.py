@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import grok_torch
+import grok_torch.tokenizer
 import parity.demo
 from convert.converter import convert_checkpoint
 from convert.upstream.export import export_upstream
@@ -90,8 +91,8 @@ def test_reference_greedy_tokens_equal_grok_torch_cached_generation():
 # ---- the demo ----------------------------------------------------------------------------------------
 
 def test_demo_runs_every_step_without_a_tokenizer(monkeypatch, tmp_path):
-    monkeypatch.delenv(parity.demo.TOKENIZER_ENV, raising=False)
-    monkeypatch.setattr(parity.demo, "SHARED_TOKENIZER", tmp_path / "absent.model")
+    monkeypatch.delenv(grok_torch.tokenizer.TOKENIZER_ENV, raising=False)
+    monkeypatch.setattr(grok_torch.tokenizer, "SHARED_TOKENIZER", tmp_path / "absent.model")
     result = CliRunner().invoke(main, ["demo", "--config", "tiny", "--workdir", str(tmp_path / "work")])
     assert result.exit_code == 0, result.output
     for step in ("[1/7] random checkpoint", "[2/7] convert", "[3/7] verify", "[4/7] load", "[5/7] parity",
@@ -103,7 +104,7 @@ def test_demo_runs_every_step_without_a_tokenizer(monkeypatch, tmp_path):
 
 
 def test_demo_fails_when_parity_fails(monkeypatch, tmp_path):
-    monkeypatch.setattr(parity.demo, "SHARED_TOKENIZER", tmp_path / "absent.model")
+    monkeypatch.setattr(grok_torch.tokenizer, "SHARED_TOKENIZER", tmp_path / "absent.model")
     monkeypatch.setattr(grok_torch.model, "soft_cap", lambda logits, cap: logits)
     result = CliRunner().invoke(main, ["demo", "--config", "tiny"])
     assert result.exit_code == 1
