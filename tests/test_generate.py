@@ -1,7 +1,5 @@
 """Generation: KV-cache decoding against full recomputation, batching, stopping, limits, tokenizer, CLI."""
 
-import json
-import math
 import re
 import warnings
 

@@ -7,7 +7,6 @@ import torch
 
 import grok_torch
 from convert.converter import convert_checkpoint
-from grok_torch.config import GrokConfig
 from parity.harness import load_golden, run_golden, torch_end_to_end
 
 from support.paths import GOLDEN_DIR

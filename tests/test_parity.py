@@ -3,7 +3,6 @@ known port bug injected into grok_torch makes parity fail at the right sub-modul
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner

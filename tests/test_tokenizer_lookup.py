@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 import grok_torch.tokenizer
-from convert.converter import convert_checkpoint
 from convert.upstream.export import export_upstream
 from convert.upstream.tree import haiku_tree_to_state_dict
 from grok_torch.cli import main
