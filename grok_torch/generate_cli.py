@@ -31,8 +31,9 @@ from grok_torch.errors import UserError, cli_errors
               help="Compute dtype (bf16 is upstream's).")
 @click.option("--truncate", is_flag=True,
               help="Left-truncate prompts too long for the model's sequence_len instead of refusing them.")
+@click.pass_context
 @cli_errors
-def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
+def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, tokenizer_path: Path | None, weights: str, dtype: str, truncate: bool) -> None:
     """Continue each --prompt with the model in the converted directory PATH.
 
@@ -43,6 +44,12 @@ def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
     from grok_torch.generation import PromptTruncatedWarning, fit_prompts, generate
     from grok_torch.tokenizer import StreamDecoder, Tokenizer, find_tokenizer
 
+    if temperature == 0:  # greedy: nothing is drawn
+        ignored = [f"--{name.replace('_', '-')}" for name in ("top_p", "seed")
+                   if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+        if ignored:
+            raise UserError(f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply with "
+                            f"--temperature 0 (greedy decoding draws nothing)")
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (expected a converted grok-torch directory)")
     tokenizer = Tokenizer(find_tokenizer(tokenizer_path, path)[0])

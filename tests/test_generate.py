@@ -269,3 +269,10 @@ def test_cli_errors_are_one_line(tmp_path, converted, monkeypatch):
         write_converted(small, random_model(GrokConfig.from_name("tiny")))
         out = error_line([str(small), "--prompt", "x", "--tokenizer", str(TOKENIZER)])
         assert "has 131072 pieces but the model's vocab_size is 512" in out
+
+
+def test_cli_refuses_sampling_options_with_greedy_decoding(converted):
+    out = error_line([str(converted), "--prompt", "x", "--temperature", "0", "--top-p", "0.9", "--seed", "3"])
+    assert out.strip() == "error: --top-p and --seed do not apply with --temperature 0 (greedy decoding draws nothing)"
+    out = error_line([str(converted), "--prompt", "x", "--temperature", "0", "--seed", "3"])
+    assert "--seed does not apply with --temperature 0" in out
