@@ -29,14 +29,14 @@ import numpy as np
 from convert.disk.blocks import CHUNK_BYTES, Scratch, import_torch_in_background
 from convert.disk.output_dir import Destination
 from convert.disk.read_ahead import ReadAhead
-from convert.disk.resume import PartialOutput
+from convert.disk.resume import PartialOutput, sha256_of
 from convert.disk.safetensors_writer import (DEFAULT_MAX_SHARD_SIZE, TensorToWrite, plan_shard_files,
                                              shard_header, shards_index_text, write_sharded_safetensors)
 from convert.plan import OutputTensor, plan_from_info
 from convert.upstream.raw_checkpoint import resolve_ckpt_dir, validate_raw_checkpoint
 from convert.upstream.tensor_file import TensorFileInfo, read_tensor_file
-from grok_torch.converted_dir import (CONFIG_FILE, INDEX_FILE, INDEX_SHA256, check_weight_format, config_text,
-                                      config_values, grok_torch_version, shard_metadata)
+from grok_torch.converted_dir import (CONFIG_FILE, INDEX_FILE, INDEX_SHA256, TOKENIZER_FILE, check_weight_format,
+                                      config_text, config_values, grok_torch_version, shard_metadata)
 from grok_torch.errors import JobInterrupted, OutOfSpaceError, deprecated_alias, is_no_space
 from grok_torch.progress import human_bytes, progress_bar
 
@@ -71,6 +71,41 @@ class _LastParam:
             self.read_ahead.converting(info.path)
             self.value, self.path = read_tensor_file(info.path, info, mapped=True), info.path
         return self.value
+
+
+MAX_TOKENIZER_BYTES = 64 << 20  # the release's is 2.2 MB
+
+
+def tokenizer_sources(ckpt_dir: Path) -> list[Path]:
+    """Where a release keeps its tokenizer.model: beside ckpt-0's parent (`SRC/`), or one level up (the
+    release's repository: `tokenizer.model` beside `checkpoints/ckpt-0`)."""
+    return [ckpt_dir.parent / TOKENIZER_FILE, ckpt_dir.parent.parent / TOKENIZER_FILE]
+
+
+def tokenizer_source(ckpt_dir: Path, config: "GrokConfig", given: str | os.PathLike | None,
+                     log: Callable[[str], None]) -> Path | None:
+    """The tokenizer.model to copy into the output, checked (a regular file that sentencepiece reads, with
+    the config's vocabulary), or None. One that is asked for and unusable is an error; one found that does
+    not fit is skipped with a note."""
+    from grok_torch.tokenizer import Tokenizer, TokenizerError
+
+    candidates = [Path(given)] if given is not None else [p for p in tokenizer_sources(ckpt_dir) if p.is_file()]
+    for path in candidates:
+        try:
+            if not path.is_file() or path.stat().st_size > MAX_TOKENIZER_BYTES:
+                raise TokenizerError(f"tokenizer {path} is not a regular file of at most {MAX_TOKENIZER_BYTES} bytes")
+            Tokenizer(path).check_model_vocab(config.vocab_size)
+        except TokenizerError as err:
+            if given is not None:
+                raise
+            log(f"note: not copying {path}: {err}")
+            continue
+        log(f"copying the tokenizer {path} into the output")
+        return path
+    if given is None:
+        log(f"note: no {TOKENIZER_FILE} beside the checkpoint (looked at "
+            f"{', '.join(str(p) for p in tokenizer_sources(ckpt_dir))}); generate will need --tokenizer FILE")
+    return None
 
 
 def quantized_map(outputs) -> dict[str, bool]:
@@ -126,7 +161,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
                        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
                        progress: bool | None = None, chunk_bytes: int = CHUNK_BYTES, *, resume: bool = False,
                        check_space: bool = True, log: Callable[[str], None] | None = None,
-                       dtype: str | None = None) -> ConversionResult:
+                       tokenizer: str | os.PathLike | None = None, dtype: str | None = None) -> ConversionResult:
     """Raw checkpoint `src` (a directory holding ckpt-0/, or ckpt-0) -> converted directory `dst`.
 
     Raises CheckpointError (source), DestinationError (dst exists / overlaps src / was not written by
@@ -137,20 +172,21 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
     renamed to `dst` when complete. On an error while writing (OutOfSpaceError for ENOSPC) the partial
     directory is removed; on Ctrl-C its finished shards are kept and ConversionInterrupted says so; with
     `resume`, the finished shards of an interrupted run are checked (size, sha256) and reused. `log` gets
-    one-line notes (resuming, nothing to resume). `weights` is the stored format (int8 | bf16 | fp32);
-    `dtype` is its deprecated old name.
+    one-line notes (resuming, nothing to resume, the tokenizer). `weights` is the stored format (int8 | bf16 |
+    fp32); `dtype` is its deprecated old name. The release's `tokenizer.model` (`tokenizer`, else one found
+    beside the checkpoint: `tokenizer_sources`) is copied into the output, its sha256 recorded in config.json.
     """
     weight_format = check_weight_format(deprecated_alias("dtype", dtype, "weights", weights, "int8"))
     log = log or (lambda message: None)
     ckpt_dir = resolve_ckpt_dir(src)
     with Destination(dst, ckpt_dir, overwrite=overwrite, what="convert", log=log) as target:
         return _convert(ckpt_dir, target, config, weight_format, max_shard_size, progress, chunk_bytes, resume,
-                        check_space, log)
+                        check_space, log, tokenizer)
 
 
 def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_format: str, max_shard_size: int,
-             progress: bool | None, chunk_bytes: int, resume: bool, check_space: bool,
-             log: Callable[[str], None]) -> ConversionResult:
+             progress: bool | None, chunk_bytes: int, resume: bool, check_space: bool, log: Callable[[str], None],
+             tokenizer: str | os.PathLike | None) -> ConversionResult:
     """The conversion, with the destination claimed (locked and checked) by `convert_checkpoint`."""
     dst = target.path
     pairs = validate_raw_checkpoint(ckpt_dir, config)
@@ -173,7 +209,12 @@ def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_f
     metadata = shard_metadata(weight_format, source)
     index_metadata = {"weight_format": weight_format}
     files = plan_shard_files(tensors, max_shard_size, metadata)
-    config_json = config_text(config_values(config, weight_format, source, quantized_map(out for out, _ in outputs)))
+    tokenizer_path = tokenizer_source(ckpt_dir, config, tokenizer, log)
+    tokenizer_info = None
+    if tokenizer_path is not None:
+        tokenizer_info = {"file": TOKENIZER_FILE, "sha256": sha256_of(tokenizer_path), "source": str(tokenizer_path.resolve())}
+    config_json = config_text(config_values(config, weight_format, source, quantized_map(out for out, _ in outputs),
+                                            tokenizer_info))
     options = {"source": source, "source_files": _source_fingerprint(pairs), "weight_format": weight_format,
                "max_shard_size": max_shard_size, "grok_config": config.to_dict(),
                "grok_torch_version": grok_torch_version(), "shards": [[name, size] for name, size, _ in files],
@@ -208,6 +249,8 @@ def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_f
                 shards = write_sharded_safetensors(partial.path, tensors, max_shard_size=max_shard_size,
                                                    metadata=metadata, on_bytes=bar.update, reuse_shard=partial.reuse,
                                                    on_shard=on_shard, write_index=False)
+                if tokenizer_path is not None:
+                    shutil.copyfile(tokenizer_path, partial.path / TOKENIZER_FILE)
                 (partial.path / CONFIG_FILE).write_text(config_json)
                 # The index last, with the sha256 of every shard (as written, or as checked when reused) and of
                 # config.json: what `grok-torch verify DIR` and load(verify=True) check the directory against.

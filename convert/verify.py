@@ -149,7 +149,8 @@ def _verify_conversion(raw: Path, converted: Path, config: "GrokConfig | None", 
     stored_config = directory.config.config
     mismatches = []
     if config is not None and config != stored_config:
-        mismatches.append(f"{converted}/config.json: grok_config differs from the config given")
+        mismatches.append(f"{converted}/config.json: grok_config differs from the config given in "
+                          f"{'; '.join(config.differences(stored_config))}")
     weight_format = directory.config.weight_format
     expected_names, quantized = set(), {}
     for entry, info in validate_raw_checkpoint(raw, stored_config):
@@ -231,8 +232,11 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, config: "GrokConfig |
     return _verify_raw_pair(src, dst, config)
 
 
-def verify_recorded(directory: str | os.PathLike, progress: bool | None = None) -> tuple[list[str], int]:
-    """(mismatches, shard count) of a converted directory against the sha256 recorded in its index; each
-    mismatch names the file. A config.json that does not match is refused when the directory is opened."""
+def verify_recorded(directory: str | os.PathLike, progress: bool | None = None) -> tuple[list[str], str]:
+    """(mismatches, what was checked: "8 shard(s), tokenizer.model and config.json") of a converted directory
+    against the sha256 recorded by the converter; each mismatch names the file. A config.json that does not
+    match is refused when the directory is opened."""
     opened = ConvertedDir(directory)
-    return opened.checksum_mismatches(progress), len(set(opened.weight_map.values()))
+    mismatches = opened.checksum_mismatches(progress)
+    tokenizer = ", tokenizer.model" if opened.config.values.get("tokenizer") is not None else ""
+    return mismatches, f"{len(set(opened.weight_map.values()))} shard(s){tokenizer} and config.json"

@@ -9,6 +9,8 @@ A converted directory holds
   "sha256": {file name: sha256 of the file, for every shard and config.json}}, "weight_map": {tensor name:
   shard file}}` (written for one shard too; directories written before the sha256 were recorded load, but
   cannot be verified);
+- `tokenizer.model`: the release's tokenizer, when convert found one beside the source (its sha256 and
+  origin are in config.json's "tokenizer");
 - `config.json`:
 
       {
@@ -18,7 +20,8 @@ A converted directory holds
         "grok_torch_version": "0.1.0",
         "source": "/abs/path/to/ckpt-0",
         "grok_config": {...GrokConfig.to_dict()...},
-        "quantized": {"layers.0.attn.q_proj.weight": true, ...}   # every linear weight: int8+scales or not
+        "quantized": {"layers.0.attn.q_proj.weight": true, ...},  # every linear weight: int8+scales or not
+        "tokenizer": {"file": "tokenizer.model", "sha256": "...", "source": "/abs/path"} | null
       }
 
 This module owns the names and the contents of those files. Writers (the converter) take the names,
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
     import torch
 
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"  # the release's SentencePiece model, copied by convert when found
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"
 SHARD_FILE_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
@@ -79,16 +83,18 @@ def check_weight_format(weight_format: str) -> str:
 
 def is_owned_name(name: str) -> bool:
     """A file name that a converted directory holds (config, index, shards)."""
-    return name in (CONFIG_FILE, INDEX_FILE) or bool(SHARD_FILE_RE.match(name))
+    return name in (CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE) or bool(SHARD_FILE_RE.match(name))
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
 
-def config_values(config: GrokConfig, weight_format: str, source: str, quantized: dict[str, bool]) -> dict[str, Any]:
-    """The contents of config.json; `quantized` maps every linear weight's name to int8+scales or not."""
+def config_values(config: GrokConfig, weight_format: str, source: str, quantized: dict[str, bool],
+                  tokenizer: dict[str, str] | None = None) -> dict[str, Any]:
+    """The contents of config.json; `quantized` maps every linear weight's name to int8+scales or not,
+    `tokenizer` describes the copied tokenizer.model ({"file", "sha256", "source"}) or is None."""
     return {"format": FORMAT_MARKER, "format_version": FORMAT_VERSION, "weight_format": check_weight_format(weight_format),
             "grok_torch_version": grok_torch_version(), "source": source, "grok_config": config.to_dict(),
-            "quantized": dict(quantized)}
+            "quantized": dict(quantized), "tokenizer": tokenizer}
 
 
 def config_text(values: dict[str, Any]) -> str:
@@ -182,6 +188,11 @@ def read_config(directory: str | os.PathLike) -> ConvertedConfig:
         if value and values["weight_format"] != "int8":
             raise LoadError(f"{path}: quantized[{name!r}] is true in a {values['weight_format']} directory "
                             f"(only int8 directories store int8 + scales)")
+    tokenizer = values.get("tokenizer")  # written since the converter copies the tokenizer: optional
+    if tokenizer is not None and not (isinstance(tokenizer, dict) and tokenizer.get("file") == TOKENIZER_FILE and
+                                      isinstance(tokenizer.get("sha256"), str) and _SHA256_RE.match(tokenizer["sha256"])):
+        raise _type_error(path, "tokenizer", f"null or {{\"file\": \"{TOKENIZER_FILE}\", \"sha256\": <64 hex "
+                          f"digits>, ...}}", tokenizer)
     return ConvertedConfig(path, values["weight_format"], config, quantized, values["source"], values,
                            hashlib.sha256(data).hexdigest())
 
@@ -466,23 +477,33 @@ class ConvertedDir:
 
     # -- integrity
     def checksum_mismatches(self, progress: bool | None = False) -> list[str]:
-        """Each file whose sha256 differs from the one the converter recorded in the index (reads every shard;
-        config.json was checked when the directory was opened). LoadError if nothing was recorded."""
+        """Each file whose sha256 differs from the one the converter recorded: every shard (in the index) and
+        the copied tokenizer.model (in config.json), reading each; config.json itself was checked when the
+        directory was opened. LoadError if the index records nothing."""
         if self.recorded_sha256 is None:
             raise LoadError(f"{self.path / INDEX_FILE} records no sha256 of the files (written by an older grok-torch); "
                             f"there is nothing to verify the directory against")
         from grok_torch.progress import progress_bar
 
+        recorded = {name: (self.recorded_sha256[name], INDEX_FILE) for name in sorted(set(self.weight_map.values()))}
+        tokenizer = self.config.values.get("tokenizer")
+        if tokenizer is not None:  # the copied tokenizer.model: its sha256 is in config.json (itself checked)
+            recorded[TOKENIZER_FILE] = (tokenizer["sha256"], CONFIG_FILE)
         mismatches = []
-        names = sorted(set(self.weight_map.values()))
-        total = sum((self.path / name).stat().st_size for name in names)
+        for name in list(recorded):
+            path = self.path / name
+            try:
+                require_regular_file(path, "recorded file", LoadError, f"{recorded[name][1]} records its sha256")
+            except LoadError as err:
+                mismatches.append(str(err))
+                del recorded[name]
+        total = sum((self.path / name).stat().st_size for name in recorded)
         with progress_bar(total, "verify sha256", progress) as bar:
-            for name in names:
+            for name, (expected, where) in recorded.items():
                 actual = sha256_file(self.path / name, bar.update)
-                if actual != self.recorded_sha256[name]:
+                if actual != expected:
                     mismatches.append(f"{self.path / name}: sha256 {actual} does not match the one recorded in "
-                                      f"{INDEX_FILE} ({self.recorded_sha256[name]}): the file changed after "
-                                      f"grok-torch wrote it")
+                                      f"{where} ({expected}): the file changed after grok-torch wrote it")
         return mismatches
 
     # -- data

@@ -185,6 +185,32 @@ def test_verify_dir_alone_checks_the_recorded_sums(converted, tmp_path):
     assert grok_torch.load(copy, verify=True).num_weights() > 0
 
 
+def test_verify_dir_checks_the_copied_tokenizer_against_config_json(converted, tmp_path):
+    import hashlib
+
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    (copy / "tokenizer.model").write_bytes(b"a tokenizer")
+    values = json.loads((copy / "config.json").read_text())
+    values["tokenizer"] = {"file": "tokenizer.model", "sha256": hashlib.sha256(b"a tokenizer").hexdigest(), "source": "x"}
+    (copy / "config.json").write_text(json.dumps(values))
+    index = json.loads((copy / INDEX_FILE).read_text())  # as the converter records it
+    index["metadata"]["sha256"]["config.json"] = hashlib.sha256((copy / "config.json").read_bytes()).hexdigest()
+    (copy / INDEX_FILE).write_text(json.dumps(index))
+    result = invoke("verify", copy)
+    assert result.exit_code == 0 and "8 shard(s), tokenizer.model and config.json match" in result.output, result.output
+    (copy / "tokenizer.model").write_bytes(b"another tokenizer")
+    result = invoke("verify", copy)
+    assert_one_error(result, "1 mismatch(es)", exit_code=3)
+    assert f"{copy / 'tokenizer.model'}: sha256 " in result.output and "recorded in config.json" in result.output
+    (copy / "tokenizer.model").unlink()
+    assert "tokenizer.model is missing: config.json records its sha256" in invoke("verify", copy).output
+    values["tokenizer"]["file"] = "../../etc/passwd"
+    (copy / "config.json").write_text(json.dumps(values))
+    with pytest.raises(LoadError, match="config.json: tokenizer: expected null or"):
+        grok_torch.load(copy)
+
+
 def test_a_tampered_config_is_refused(converted, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(converted, copy)
