@@ -279,9 +279,9 @@ def config_json(rng: random.Random, directory: Path) -> str:
         text = json.dumps(values, indent=rng.choice([None, 1, 4]), sort_keys=rng.random() < 0.5)
     path.unlink()
     path.write_text(text if text is not None else json.dumps(values, indent=2))
-    if rng.random() < 0.5:  # a consistent editor: record the new sha256 in the index too
-        index_path = directory / INDEX_FILE
-        index = json.loads(index_path.read_text())
+    index_path = directory / INDEX_FILE
+    index = json.loads(index_path.read_text())
+    if rng.random() < 0.5 and "sha256" in index["metadata"]:  # a consistent editor: record the new sha256 too
         index["metadata"]["sha256"][CONFIG_FILE] = hashlib.sha256(path.read_bytes()).hexdigest()
         index_path.unlink()
         index_path.write_text(json.dumps(index, indent=2))
