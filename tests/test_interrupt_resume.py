@@ -5,7 +5,7 @@ A killed `grok-torch convert` must leave nothing that load or verify accepts at 
 produce output byte-identical to an uninterrupted run. The source is never modified.
 
 The child processes stop themselves at an exact point through the test-only hook GROK_TORCH_TEST_STOP_AT
-(convert.converter._test_stop: SIGSTOP after announcing it on stderr); the test then kills them.
+(convert.disk.job.test_stop: SIGSTOP after announcing it on stderr); the test then kills them.
 """
 
 from __future__ import annotations
