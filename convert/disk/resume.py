@@ -109,7 +109,8 @@ def _describe_difference(old: dict, new: dict, labels: dict[str, str] | None = N
     parts = []
     for key in differ:
         label = names.get(key, key)
-        if key in ("weight_format", "max_shard_size", "grok_torch_version", "source", *(labels or {})):
+        shown = key in (labels or {}) and not isinstance(new.get(key), (dict, list))  # a labelled scalar
+        if key in ("weight_format", "max_shard_size", "grok_torch_version", "source") or shown:
             parts.append(f"{label} was {old.get(key)}, now {new.get(key)}")
         elif label not in parts:
             parts.append(label)
@@ -122,7 +123,7 @@ class PartialOutput:
     for each shard, calls `record()` after each shard, and ends with `finish()`, `discard()` or
     `keep_finished()`. `names` says whose output it is (convert's by default), `owned_name(file name)` which
     files that job writes (a converted directory's by default), `labels` how to name its options when a
-    resume is refused ({option key: label}; their old and new values are shown)."""
+    resume is refused ({option key: label}; the old and new values of a scalar option are shown)."""
 
     def __init__(self, dst: Path, options: dict, *, resume: bool, log: Callable[[str], None],
                  names: JobNames = CONVERT, owned_name: Callable[[str], bool] | None = None,
