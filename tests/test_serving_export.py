@@ -405,3 +405,19 @@ def test_cli_writes_and_reports(source, tmp_path):
     assert "no tokenizer shipped" in result.stderr
     again = CliRunner().invoke(main, ["export-serving", str(converted), str(tmp_path / "out"), "--engine", "vllm"])
     assert again.exit_code == 1 and "already exists; use --overwrite" in again.stderr
+
+
+def test_the_gpu_smoke_step_is_skipped_without_the_engines():
+    import importlib.util
+    import subprocess
+    import sys
+
+    from support.paths import ASSETS
+
+    if any(importlib.util.find_spec(engine) for engine in ("vllm", "sglang")):
+        pytest.skip("an engine is importable here: scripts/serving-smoke would serve for real")
+    script = ASSETS.parents[1] / "scripts" / "serving-smoke"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["serving-smoke: sglang is not importable here: skipped",
+                                       "serving-smoke: vllm is not importable here: skipped"]

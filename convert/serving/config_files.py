@@ -24,7 +24,11 @@ if TYPE_CHECKING:
     from grok_torch.config import GrokConfig
 
 ARCHITECTURE = "Grok1ModelForCausalLM"  # the one name every vLLM registry and SGLang's entry classes map
-MODEL_TYPE = "mixtral"  # lets transformers parse the file without remote code; the extra keys ride along
+# Lets transformers parse the file without remote code (the extra keys ride along as attributes); the
+# engines pick their model class by "architectures". "llama" rather than "mixtral": transformers 5's
+# AutoTokenizer honours tokenizer_config.json's tokenizer_class for llama, but for mixtral always builds a
+# converted TokenizersBackend (models/auto/tokenization_auto.py of transformers 5.24), whose ids differ.
+MODEL_TYPE = "llama"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
