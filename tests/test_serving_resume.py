@@ -9,11 +9,9 @@ writes: the model's bf16 embedding, from an fp32 one twice its size.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,10 +22,10 @@ from convert.serving.exporter import export_serving
 from grok_torch.config import GrokConfig
 from support.checkpoints import random_conversion, sha256_tree
 from support.paths import TOKENIZER
+from support.stopping import CLI, kill, start, wait_until_stopped
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals needed")
 
-CLI = [sys.executable, "-c", "import sys; from grok_torch.cli import main; sys.argv[0] = 'grok-torch'; main()"]
 CONFIG = GrokConfig.from_name("tiny-serving")
 SHARD = 5_000_000  # 8 shards of the tiny-serving int8 export
 # The real vocabulary with the narrowest width vLLM and SGLang serve at head_dim 128: a 128 MiB bf16
@@ -51,43 +49,26 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def _command(converted: Path, dst: Path, *extra: str) -> list[str]:
-    return CLI + ["export-serving", str(converted), str(dst), "--engine", "vllm", "--weights", "int8",
-                  "--max-shard-size", str(SHARD), *extra]
-
-
-def _stop_and_kill(command: list[str], point: str) -> None:
-    proc = subprocess.Popen(command, env=dict(os.environ, GROK_TORCH_TEST_STOP_AT=point), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if line.startswith(f"GROK_TORCH_TEST_STOP_AT: stopped at {point}"):
-            break
-    else:
-        raise AssertionError(f"the export never reached {point}: {''.join(lines)}")
-    stat = Path(f"/proc/{proc.pid}/stat")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
-        time.sleep(0.01)  # until the SIGSTOP it sent itself has taken effect
-    proc.kill()  # SIGKILL: no clean-up runs
-    proc.wait(30)
-    proc.stdout.close()
-    proc.stderr.close()
+def _args(converted: Path, dst: Path, *extra: str) -> list[str]:
+    return ["export-serving", converted, dst, "--engine", "vllm", "--weights", "int8", "--max-shard-size", SHARD,
+            *extra]
 
 
 @pytest.mark.parametrize("point, reused", [("shard:3", 3), ("install", 8)])
 def test_a_killed_export_resumes_to_the_same_bytes(converted, reference, tmp_path, point, reused):
     before = sha256_tree(converted)
     dst = tmp_path / "out"
-    _stop_and_kill(_command(converted, dst), point)
+    proc = start(_args(converted, dst), point)
+    wait_until_stopped(proc, point)
+    kill(proc)
     partial = partial_path(dst)
     assert not dst.exists() and (partial / JOURNAL_FILE).is_file()
     with pytest.raises(DestinationError, match="partial output of an interrupted export .*rerun with --resume"):
         export_serving(converted, dst, engine="vllm", weights="int8", max_shard_size=SHARD)
     with pytest.raises(DestinationError, match=r"different options \(--engine was vllm, now sglang"):
         export_serving(converted, dst, engine="sglang", max_shard_size=SHARD, resume=True)
-    done = subprocess.run(_command(converted, dst, "--resume"), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(CLI + [str(a) for a in _args(converted, dst, "--resume")], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"resuming {partial}: reusing {reused} finished shard(s)" in done.stderr
     assert f"({reused} reused after checking)" in done.stdout
@@ -97,12 +78,8 @@ def test_a_killed_export_resumes_to_the_same_bytes(converted, reference, tmp_pat
 
 def test_ctrl_c_keeps_the_finished_shards_and_says_how_to_resume(converted, tmp_path):
     dst = tmp_path / "out"
-    proc = subprocess.Popen(_command(converted, dst), env=dict(os.environ, GROK_TORCH_TEST_STOP_AT="shard:2"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if line.startswith("GROK_TORCH_TEST_STOP_AT: stopped at shard:2"):
-            break
-    time.sleep(0.2)
+    proc = start(_args(converted, dst), "shard:2")
+    wait_until_stopped(proc, "shard:2")
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=60)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from convert.cli import _sigterm_as_interrupt, _size
+from convert.cli import _sigterm_as_interrupt, sharded_output_options
 from grok_torch.errors import cli_errors
 
 _HELP = """Write the converted directory CONVERTED_DIR as OUT, a directory that the serving engine loads as
@@ -50,15 +50,7 @@ Engine code read: vllm-project/vllm grok1.py @02082de9 and @048a32c7, sgl-projec
               help="Linear weights: bf16 (both engines) or compressed-tensors W8A16 int8 (vllm only).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="The release's tokenizer.model, shipped in OUT with a tokenizer_config.json.")
-@click.option("--max-shard-size", default="5GB", show_default=True, callback=_size, metavar="SIZE",
-              help="Largest safetensors shard: 5GB, 500MB, 1GiB or plain bytes.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a previous export.")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted export: reuse the finished shards in .OUT.partial after checking their "
-                   "recorded sizes and sha256 (the options must be the same).")
-@click.option("--no-space-check", "space_check", is_flag=True, flag_value=False, default=True,
-              help="Skip the up-front check that OUT's file system has room for the output.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
+@sharded_output_options("export", "OUT", "a previous export")
 @cli_errors
 def export_serving_cmd(converted_dir: Path, out: Path, engine: str, weights: str, tokenizer: Path | None,
                        max_shard_size: int, overwrite: bool, resume: bool, space_check: bool,
