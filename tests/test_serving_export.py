@@ -383,7 +383,7 @@ def test_a_config_the_engines_would_compute_differently_is_refused(src, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["golden"]
 
 
-def test_int8_needs_an_int8_conversion(source, tmp_path):
+def test_int8_needs_an_int8_conversion(source, exports, tmp_path):
     _, params = source
     raw = source[0].parent / "upstream"
     converted = convert_checkpoint(raw, tmp_path / "bf16", CONFIG, weights="bf16", progress=False).dst
@@ -391,7 +391,7 @@ def test_int8_needs_an_int8_conversion(source, tmp_path):
         export_serving(converted, tmp_path / "out", engine="vllm", weights="int8")
     # a bf16 conversion exports to bf16 with the same weights as the int8 one
     a = read_export(export_serving(converted, tmp_path / "a", engine="vllm", progress=False).dst)
-    b = read_export(export_serving(source[0], tmp_path / "b", engine="vllm", progress=False).dst)
+    b = read_export(exports["vllm", "bf16"])
     assert all(torch.equal(_bits(a.state[k]), _bits(b.state[k])) for k in a.state)
 
 

@@ -27,7 +27,7 @@ from support.stopping import CLI, kill, start, wait_until_stopped
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals needed")
 
 CONFIG = GrokConfig.from_name("tiny-serving")
-SHARD = 5_000_000  # 8 shards of the tiny-serving int8 export
+SHARD = 2_500_000  # 9 shards of the tiny-serving int8 export
 # The real vocabulary with the narrowest width vLLM and SGLang serve at head_dim 128: a 128 MiB bf16
 # embedding (from 256 MiB of fp32), far larger than everything else.
 WIDE_VOCAB = GrokConfig.from_name("tiny-serving", vocab_size=131072, emb_size=512, num_q_heads=4, num_kv_heads=1,
@@ -54,7 +54,7 @@ def _args(converted: Path, dst: Path, *extra: str) -> list[str]:
             *extra]
 
 
-@pytest.mark.parametrize("point, reused", [("shard:3", 3), ("install", 8)])
+@pytest.mark.parametrize("point, reused", [("shard:3", 3), ("install", 9)])
 def test_a_killed_export_resumes_to_the_same_bytes(converted, reference, tmp_path, point, reused):
     before = sha256_tree(converted)
     dst = tmp_path / "out"
