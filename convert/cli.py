@@ -42,14 +42,28 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _config_for(src: Path, option: str | None) -> GrokConfig:
+def _config_for(src: Path, option: str | None) -> tuple[GrokConfig, str]:
+    """The config for the raw checkpoint SRC, and where it came from (for messages)."""
     if option:
-        return GrokConfig.resolve(option)
+        return GrokConfig.resolve(option), f"--config {option}"
     for candidate in (src / "config.json", src.parent / "config.json" if src.name == "ckpt-0" else None):
         if candidate is not None and candidate.is_file():
             click.echo(f"using config {candidate}", err=True)
-            return GrokConfig.from_json(candidate)
-    return GrokConfig.from_name(DEFAULT_CONFIG)
+            return GrokConfig.from_json(candidate), str(candidate)
+    return GrokConfig.from_name(DEFAULT_CONFIG), f"the {DEFAULT_CONFIG} preset (no config.json in {src})"
+
+
+@contextlib.contextmanager
+def _naming_the_config(origin: str, config: GrokConfig | None):
+    """A file count that does not fit the config usually means the wrong config: say which one was used."""
+    from convert.upstream.raw_checkpoint import FileCountError
+
+    try:
+        yield
+    except FileCountError as err:
+        used = f"{origin} ({config.num_layers} layers)" if config is not None else "the converted directory's config.json"
+        raise FileCountError(f"{err}; the config used was {used}: give the checkpoint's own with --config "
+                             f"NAME|JSON") from None
 
 
 def _size(ctx, param, value):
@@ -111,10 +125,13 @@ _CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with u
                    "upstream's rounding. fp32: the dequantized values upstream computes with.")
 @click.option("--dtype", "old_dtype", type=click.Choice(WEIGHT_FORMATS), default=None, hidden=True,
               help="Deprecated name of --weights (--dtype is the compute dtype in every other command).")
+@click.option("--tokenizer", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The release's tokenizer.model, copied into DST (its sha256 recorded) so that generate finds it "
+                   "[default: SRC/tokenizer.model or SRC/../tokenizer.model when present].")
 @sharded_output_options("conversion", "DST", "a previous conversion output")
 @cli_errors
 def convert_cmd(src: Path, dst: Path, config_name: str | None, weights: str, old_dtype: str | None, max_shard_size: int,
-                overwrite: bool, resume: bool, space_check: bool, progress: bool | None) -> None:
+                overwrite: bool, resume: bool, space_check: bool, tokenizer: Path | None, progress: bool | None) -> None:
     """Convert the official Grok-1 checkpoint SRC (a directory holding ckpt-0/, or ckpt-0 itself) into
     DST: sharded safetensors in grok_torch names and layout, plus config.json.
 
@@ -127,11 +144,11 @@ def convert_cmd(src: Path, dst: Path, config_name: str | None, weights: str, old
     from convert.converter import convert_checkpoint
 
     weights = _weights_option(weights, old_dtype)
-    config = _config_for(src, config_name)
-    with _sigterm_as_interrupt():
+    config, origin = _config_for(src, config_name)
+    with _sigterm_as_interrupt(), _naming_the_config(origin, config):
         result = convert_checkpoint(src, dst, config, weights=weights, max_shard_size=max_shard_size,
                                     overwrite=overwrite, progress=progress, resume=resume, check_space=space_check,
-                                    log=lambda message: click.echo(message, err=True))
+                                    tokenizer=tokenizer, log=lambda message: click.echo(message, err=True))
     reused = f" ({result.reused_shards} reused after checking)" if result.reused_shards else ""
     click.echo(f"wrote {result.dst}: {result.tensors} tensors ({result.weight_format}), "
                f"{result.total_bytes:,} bytes in {len(result.shards)} shard(s){reused}")
@@ -164,8 +181,9 @@ def verify_cmd(src: Path, dst: Path, config_name: str | None) -> None:
     from convert.verify import verify
 
     both_raw = not is_converted_dir(src) and not is_converted_dir(dst)
-    config = _config_for(src, config_name) if (config_name or both_raw) else None
-    mismatches = verify(src, dst, config)
+    config, origin = _config_for(src, config_name) if (config_name or both_raw) else (None, "")
+    with _naming_the_config(origin, config):
+        mismatches = verify(src, dst, config)
     if mismatches:
         for line in mismatches:
             click.echo(line)

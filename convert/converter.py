@@ -24,12 +24,12 @@ from convert.disk.blocks import CHUNK_BYTES, Scratch, import_torch_in_background
 from convert.disk.job import write_resumable
 from convert.disk.output_dir import check_destination
 from convert.disk.read_ahead import ReadAhead
-from convert.disk.resume import PartialOutput
+from convert.disk.resume import PartialOutput, sha256_of
 from convert.disk.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, TensorToWrite
 from convert.plan import OutputTensor, plan_from_info
 from convert.upstream.raw_checkpoint import resolve_ckpt_dir, validate_raw_checkpoint
 from convert.upstream.tensor_file import TensorFileInfo, read_tensor_file
-from grok_torch.converted_dir import (CONFIG_FILE, check_weight_format, config_text, config_values,
+from grok_torch.converted_dir import (CONFIG_FILE, TOKENIZER_FILE, check_weight_format, config_text, config_values,
                                       grok_torch_version, is_owned_name, shard_metadata)
 from grok_torch.errors import JobInterrupted, deprecated_alias
 
@@ -66,6 +66,41 @@ class _LastParam:
         return self.value
 
 
+MAX_TOKENIZER_BYTES = 64 << 20  # the release's is 2.2 MB
+
+
+def tokenizer_sources(ckpt_dir: Path) -> list[Path]:
+    """Where a release keeps its tokenizer.model: beside ckpt-0's parent (`SRC/`), or one level up (the
+    release's repository: `tokenizer.model` beside `checkpoints/ckpt-0`)."""
+    return [ckpt_dir.parent / TOKENIZER_FILE, ckpt_dir.parent.parent / TOKENIZER_FILE]
+
+
+def tokenizer_source(ckpt_dir: Path, config: "GrokConfig", given: str | os.PathLike | None,
+                     log: Callable[[str], None]) -> Path | None:
+    """The tokenizer.model to copy into the output, checked (a regular file that sentencepiece reads, with
+    the config's vocabulary), or None. One that is asked for and unusable is an error; one found that does
+    not fit is skipped with a note."""
+    from grok_torch.tokenizer import Tokenizer, TokenizerError
+
+    candidates = [Path(given)] if given is not None else [p for p in tokenizer_sources(ckpt_dir) if p.is_file()]
+    for path in candidates:
+        try:
+            if not path.is_file() or path.stat().st_size > MAX_TOKENIZER_BYTES:
+                raise TokenizerError(f"tokenizer {path} is not a regular file of at most {MAX_TOKENIZER_BYTES} bytes")
+            Tokenizer(path).check_model_vocab(config.vocab_size)
+        except TokenizerError as err:
+            if given is not None:
+                raise
+            log(f"note: not copying {path}: {err}")
+            continue
+        log(f"copying the tokenizer {path} into the output")
+        return path
+    if given is None:
+        log(f"note: no {TOKENIZER_FILE} beside the checkpoint (looked at "
+            f"{', '.join(str(p) for p in tokenizer_sources(ckpt_dir))}); generate will need --tokenizer FILE")
+    return None
+
+
 def quantized_map(outputs) -> dict[str, bool]:
     """config.json's "quantized": every linear weight's name -> whether it is stored as int8 + scales."""
     quantized = {}
@@ -92,7 +127,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
                        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
                        progress: bool | None = None, chunk_bytes: int = CHUNK_BYTES, *, resume: bool = False,
                        check_space: bool = True, log: Callable[[str], None] | None = None,
-                       dtype: str | None = None) -> ConversionResult:
+                       tokenizer: str | os.PathLike | None = None, dtype: str | None = None) -> ConversionResult:
     """Raw checkpoint `src` (a directory holding ckpt-0/, or ckpt-0) -> converted directory `dst`.
 
     Raises CheckpointError (source), DestinationError (dst exists / overlaps src, or an interrupted run's
@@ -102,8 +137,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
     renamed to `dst` when complete. On an error while writing (OutOfSpaceError for ENOSPC) the partial
     directory is removed; on Ctrl-C its finished shards are kept and ConversionInterrupted says so; with
     `resume`, the finished shards of an interrupted run are checked (size, sha256) and reused. `log` gets
-    one-line notes (resuming, nothing to resume). `weights` is the stored format (int8 | bf16 | fp32);
-    `dtype` is its deprecated old name.
+    one-line notes (resuming, nothing to resume, the tokenizer). `weights` is the stored format (int8 | bf16 |
+    fp32); `dtype` is its deprecated old name. The release's `tokenizer.model` (`tokenizer`, else one found
+    beside the checkpoint: `tokenizer_sources`) is copied into the output, its sha256 recorded in config.json.
     """
     weight_format = check_weight_format(deprecated_alias("dtype", dtype, "weights", weights, "int8"))
     log = log or (lambda message: None)
@@ -122,7 +158,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
     tensors = [TensorToWrite(out.name, out.dtype, out.shape, chunks_of(out, info)) for out, info in outputs]
     total = sum(t.nbytes for t in tensors)
     metadata = shard_metadata(weight_format, source)
-    config_json = config_text(config_values(config, weight_format, source, quantized_map(out for out, _ in outputs)))
+    tokenizer_path = tokenizer_source(ckpt_dir, config, tokenizer, log)
+    tokenizer_info = None
+    if tokenizer_path is not None:
+        tokenizer_info = {"file": TOKENIZER_FILE, "sha256": sha256_of(tokenizer_path), "source": str(tokenizer_path.resolve())}
+    config_json = config_text(config_values(config, weight_format, source, quantized_map(out for out, _ in outputs),
+                                            tokenizer_info))
     options = {"source": source, "source_files": _source_fingerprint(pairs), "weight_format": weight_format,
                "max_shard_size": max_shard_size, "grok_config": config.to_dict(),
                "grok_torch_version": grok_torch_version()}
@@ -142,8 +183,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
             if torch_import is not None:
                 torch_import.join()
 
+    # the tokenizer (copied, when there is one) before config.json, which names it
+    extra_files = {TOKENIZER_FILE: tokenizer_path.read_bytes()} if tokenizer_path is not None else {}
+    extra_files[CONFIG_FILE] = config_json
     result = write_resumable(dst, tensors, options=options, max_shard_size=max_shard_size, metadata=metadata,
-                             index_metadata={"weight_format": weight_format}, extra_files={CONFIG_FILE: config_json},
+                             index_metadata={"weight_format": weight_format}, extra_files=extra_files,
                              resume=resume, check_space=check_space, progress=progress,
                              desc=f"convert ({weight_format})", log=log, interrupted=ConversionInterrupted,
                              reading=reading)

@@ -147,7 +147,8 @@ def _verify_conversion(raw: Path, converted: Path, config: "GrokConfig | None", 
     stored_config = directory.config.config
     mismatches = []
     if config is not None and config != stored_config:
-        mismatches.append(f"{converted}/config.json: grok_config differs from the config given")
+        mismatches.append(f"{converted}/config.json: grok_config differs from the config given in "
+                          f"{'; '.join(config.differences(stored_config))}")
     weight_format = directory.config.weight_format
     expected_names, quantized = set(), {}
     for entry, info in validate_raw_checkpoint(raw, stored_config):

@@ -118,6 +118,12 @@ class GrokConfig:
         raise ValueError(f"--config {name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                          f"nor an existing JSON file")
 
+    def differences(self, other: "GrokConfig") -> list[str]:
+        """The fields in which `other` differs, as "name: self's value != other's value" (for messages that
+        name what differs instead of printing both configs whole)."""
+        return [f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}" for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["ffn_size"] = self.ffn_size  # derived; written for readers, checked on load

@@ -7,6 +7,8 @@ A converted directory holds
   `grok_torch_version`;
 - `model.safetensors.index.json`: `{"metadata": {"total_size": <data bytes>, "weight_format": ...},
   "weight_map": {tensor name: shard file}}` (written for one shard too);
+- `tokenizer.model`: the release's tokenizer, when convert found one beside the source (its sha256 and
+  origin are in config.json's "tokenizer");
 - `config.json`:
 
       {
@@ -16,7 +18,8 @@ A converted directory holds
         "grok_torch_version": "0.1.0",
         "source": "/abs/path/to/ckpt-0",
         "grok_config": {...GrokConfig.to_dict()...},
-        "quantized": {"layers.0.attn.q_proj.weight": true, ...}   # every linear weight: int8+scales or not
+        "quantized": {"layers.0.attn.q_proj.weight": true, ...},  # every linear weight: int8+scales or not
+        "tokenizer": {"file": "tokenizer.model", "sha256": "...", "source": "/abs/path"} | null
       }
 
 This module owns the names and the contents of those files. Writers (the converter) take the names,
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     import torch
 
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"  # the release's SentencePiece model, copied by convert when found
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"
 SHARD_FILE_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
@@ -75,16 +79,18 @@ def check_weight_format(weight_format: str) -> str:
 
 def is_owned_name(name: str) -> bool:
     """A file name that a converted directory holds (config, index, shards)."""
-    return name in (CONFIG_FILE, INDEX_FILE) or bool(SHARD_FILE_RE.match(name))
+    return name in (CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE) or bool(SHARD_FILE_RE.match(name))
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
 
-def config_values(config: GrokConfig, weight_format: str, source: str, quantized: dict[str, bool]) -> dict[str, Any]:
-    """The contents of config.json; `quantized` maps every linear weight's name to int8+scales or not."""
+def config_values(config: GrokConfig, weight_format: str, source: str, quantized: dict[str, bool],
+                  tokenizer: dict[str, str] | None = None) -> dict[str, Any]:
+    """The contents of config.json; `quantized` maps every linear weight's name to int8+scales or not,
+    `tokenizer` describes the copied tokenizer.model ({"file", "sha256", "source"}) or is None."""
     return {"format": FORMAT_MARKER, "format_version": FORMAT_VERSION, "weight_format": check_weight_format(weight_format),
             "grok_torch_version": grok_torch_version(), "source": source, "grok_config": config.to_dict(),
-            "quantized": dict(quantized)}
+            "quantized": dict(quantized), "tokenizer": tokenizer}
 
 
 def config_text(values: dict[str, Any]) -> str:

@@ -9,8 +9,6 @@ import click
 
 from grok_torch.errors import UserError, cli_errors
 
-DEFAULT_TOKENIZER = "tokenizer.model"
-
 
 @click.command("generate")
 @click.argument("path", type=click.Path(path_type=Path))
@@ -24,7 +22,8 @@ DEFAULT_TOKENIZER = "tokenizer.model"
               help="Nucleus sampling with upstream's rule; 1 keeps every token.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the sampling generator.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
-              help=f"SentencePiece model (the release's tokenizer.model) [default: PATH/{DEFAULT_TOKENIZER}].")
+              help="SentencePiece model (the release's tokenizer.model) [default: $GROK_TOKENIZER, else the copy "
+                   "convert made in PATH, else the development checkout's ../shared/grok1/tokenizer.model].")
 @click.option("--weights", type=click.Choice(["int8", "bf16", "fp32"]), default=None,
               help="Stored weight format to compute with [default: as PATH stores them]: int8 keeps int8 weights "
                    "(weight-only quantized matmuls, needs an int8 conversion), bf16/fp32 dequantize them.")
@@ -32,8 +31,9 @@ DEFAULT_TOKENIZER = "tokenizer.model"
               help="Compute dtype (bf16 is upstream's).")
 @click.option("--truncate", is_flag=True,
               help="Left-truncate prompts too long for the model's sequence_len instead of refusing them.")
+@click.pass_context
 @cli_errors
-def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
+def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, tokenizer_path: Path | None, weights: str, dtype: str, truncate: bool) -> None:
     """Continue each --prompt with the model in the converted directory PATH.
 
@@ -42,15 +42,17 @@ def generate_cmd(path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
     """
     import grok_torch
     from grok_torch.generation import PromptTruncatedWarning, fit_prompts, generate
-    from grok_torch.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+    from grok_torch.tokenizer import StreamDecoder, Tokenizer, find_tokenizer
 
+    if temperature == 0:  # greedy: nothing is drawn
+        ignored = [f"--{name.replace('_', '-')}" for name in ("top_p", "seed")
+                   if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+        if ignored:
+            raise UserError(f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply with "
+                            f"--temperature 0 (greedy decoding draws nothing)")
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (expected a converted grok-torch directory)")
-    try:
-        tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else path / DEFAULT_TOKENIZER)
-    except TokenizerError as err:
-        hint = "" if tokenizer_path is not None else " (pass --tokenizer FILE: the release's tokenizer.model)"
-        raise UserError(f"{err}{hint}") from None
+    tokenizer = Tokenizer(find_tokenizer(tokenizer_path, path)[0])
     model = grok_torch.load(path, weights=weights, dtype=dtype)
     tokenizer.check_model_vocab(model.config.vocab_size)
 

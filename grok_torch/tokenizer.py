@@ -1,18 +1,51 @@
 """Grok-1's SentencePiece tokenizer, thinly wrapped: prompts are encoded without BOS, as upstream does.
 
 The tokenizer file (`tokenizer.model` of the release, 131072 pieces, pad 0 / bos 1 / eos 2) is never
-bundled with this package: pass its path.
+bundled with this package. Every command finds it the same way (`find_tokenizer`): `--tokenizer FILE`,
+else `$GROK_TOKENIZER`, else the copy `grok-torch convert` made in the converted directory, else the
+development checkout's `../shared/grok1/tokenizer.model`.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import sentencepiece
 
+from grok_torch.converted_dir import TOKENIZER_FILE
+
+TOKENIZER_ENV = "GROK_TOKENIZER"
+# Where a development checkout keeps the release's tokenizer (never committed to the repository).
+SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "grok1" / TOKENIZER_FILE
+
 
 class TokenizerError(ValueError):
     """A tokenizer that cannot be used: missing or unreadable file, or one that does not fit the model."""
+
+
+def tokenizer_candidates(given: Path | None = None, directory: Path | None = None) -> list[tuple[Path, str]]:
+    """Where to look, in order, each with where it came from. A tokenizer asked for (`--tokenizer`, or
+    `$GROK_TOKENIZER`) is the only candidate: a wrong path is an error, not a reason to look elsewhere."""
+    if given is not None:
+        return [(Path(given), "--tokenizer")]
+    if os.environ.get(TOKENIZER_ENV):
+        return [(Path(os.environ[TOKENIZER_ENV]), f"${TOKENIZER_ENV}")]
+    found = [(Path(directory) / TOKENIZER_FILE, f"the copy in {directory}")] if directory is not None else []
+    return found + [(SHARED_TOKENIZER, "the development checkout's shared copy")]
+
+
+def find_tokenizer(given: Path | None = None, directory: Path | None = None) -> tuple[Path, str]:
+    """(path, where it came from) of the tokenizer to use; TokenizerError saying where it looked."""
+    candidates = tokenizer_candidates(given, directory)
+    if given is not None or os.environ.get(TOKENIZER_ENV):
+        return candidates[0]  # asked for: Tokenizer() says if it is missing or unreadable
+    for path, source in candidates:
+        if path.is_file():
+            return path, source
+    looked = "; ".join(f"{source}: {path}" for path, source in candidates)
+    raise TokenizerError(f"no tokenizer found (looked at {looked}): pass --tokenizer FILE (the release's "
+                         f"tokenizer.model) or set ${TOKENIZER_ENV}")
 
 
 class Tokenizer:

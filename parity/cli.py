@@ -9,6 +9,10 @@ import click
 from grok_torch.errors import UserError, cli_errors
 
 
+def _not_applicable(options: list[str], mode: str, why: str) -> UserError:
+    return UserError(f"{', '.join(options)} {'does' if len(options) == 1 else 'do'} not apply with {mode}: {why}")
+
+
 @click.command("parity")
 @click.option("--config", "config_name", default="tiny", show_default=True,
               help="Preset name (tiny, small, tiny-1l, tiny-12l, golden-12l, ...) or a JSON file with upstream field names.")
@@ -27,13 +31,19 @@ from grok_torch.errors import UserError, cli_errors
               help="Compare against a golden directory (official ckpt-0 + reference.npz from the upstream code) "
                    "instead of the haiku reference (bf16, its own weights and tokens: --config, --dtype, --seed, "
                    "--seq-len and the weight options are refused with it).")
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(exists=True, file_okay=False),
+              help="Check your own converted directory: grok_torch loaded from it against the haiku reference on "
+                   "the same weights (--config and the weight options do not apply).")
+@click.option("--raw", "raw_dir", type=click.Path(exists=True, file_okay=False),
+              help="With --checkpoint: the raw checkpoint it was converted from, for the reference's weights "
+                   "[default: the converted tensors themselves].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Draw the per-layer error (log scale) as a PNG.")
 @click.pass_context
 @cli_errors
 def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attention, quantize_moe, golden_dir,
-               json_path, plot_path):
+               checkpoint_dir, raw_dir, json_path, plot_path):
     """Run grok_torch and a reference on the same weights and tokens and compare every layer.
 
     Both modes run: end to end, and teacher-forced (each grok_torch layer fed the reference's
@@ -42,7 +52,7 @@ def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attenti
     KL of the final distributions. Exits 1 when parity fails.
     """
     from grok_torch.config import GrokConfig
-    from parity.harness import run_golden, run_parity
+    from parity.harness import run_checkpoint, run_golden, run_parity
     from parity.report import format_report, plot_report, write_json
 
     given = [f"--{name.replace('_', '-')}" for name in ("config_name", "dtype", "seed", "seq_len", "weights",
@@ -50,13 +60,21 @@ def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attenti
              if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
     given = [{"--config-name": "--config", "--quantize-attention": "--quantize-attention/--plain-attention",
               "--quantize-moe": "--quantize-moe/--plain-moe"}.get(g, g) for g in given]
-    if golden_dir:
+    if raw_dir and not checkpoint_dir:
+        raise UserError("--raw applies only with --checkpoint CONVERTED_DIR")
+    if golden_dir and checkpoint_dir:
+        raise UserError("give --golden or --checkpoint, not both")
+    if checkpoint_dir:
+        fixed = [g for g in given if g in ("--config", "--weights", "--quantize-attention/--plain-attention",
+                                           "--quantize-moe/--plain-moe")]
+        if fixed:
+            raise _not_applicable(fixed, "--checkpoint", "the converted directory fixes its config and weights")
+        report = run_checkpoint(checkpoint_dir, raw_dir=raw_dir, dtype=dtype, seed=seed, seq_len=seq_len)
+    elif golden_dir:
         if given:
-            verb = "does" if len(given) == 1 else "do"
-            raise UserError(f"{', '.join(given)} {verb} not apply with --golden: the golden run fixes its config, "
-                            f"weights, tokens and bf16 compute")
+            raise _not_applicable(given, "--golden", "the golden run fixes its config, weights, tokens and bf16 compute")
         report = run_golden(golden_dir)
-    else:
+    else:  # seeded random weights
         if weights != "int8" and (quantize_attention is not None or quantize_moe is not None):
             raise UserError(f"--quantize-attention/--plain-attention and --quantize-moe/--plain-moe apply only to "
                             f"--weights int8 (with --weights {weights} every linear is a plain {weights} array)")

@@ -14,7 +14,6 @@ The default config, `demo`, has the real 131072-token vocabulary so the real tok
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from contextlib import contextmanager
@@ -25,22 +24,6 @@ import click
 from grok_torch.errors import UserError, cli_errors
 
 DEFAULT_PROMPT = "The answer to life, the universe and everything is"
-TOKENIZER_ENV = "GROK_TOKENIZER"
-# Where the development checkout keeps the release's tokenizer (never committed to this repo).
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "grok1" / "tokenizer.model"
-
-
-def find_tokenizer(given: Path | None) -> tuple[Path | None, str]:
-    """The tokenizer to use and where it came from: --tokenizer, $GROK_TOKENIZER, or the shared copy."""
-    if given is not None:
-        return given, "--tokenizer"
-    if os.environ.get(TOKENIZER_ENV):
-        return Path(os.environ[TOKENIZER_ENV]), f"${TOKENIZER_ENV}"
-    if SHARED_TOKENIZER.is_file():
-        return SHARED_TOKENIZER, "the shared copy"
-    return None, f"none given (--tokenizer FILE or ${TOKENIZER_ENV}) and none at {SHARED_TOKENIZER}"
-
-
 def _jax_available() -> bool:
     """JAX and haiku belong to the parity extra; the rest of the demo runs without them."""
     try:
@@ -134,12 +117,15 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
         echo("(parity skipped: JAX and dm-haiku are not installed; pip install 'grok-torch[parity]')")
 
     with steps.step("generate (greedy, KV cache)"):
-        path, source = find_tokenizer(tokenizer)
+        from grok_torch.tokenizer import Tokenizer, TokenizerError, find_tokenizer
+
         model = bf16_model if bf16_model is not None else grok_torch.load(converted_dir, weights="int8", dtype="bf16")
         tok = None
+        try:
+            path, source = find_tokenizer(tokenizer, converted_dir)
+        except TokenizerError as err:  # none found: the demo runs on token ids
+            path, source = None, str(err)
         if path is not None:
-            from grok_torch.tokenizer import Tokenizer
-
             tok = Tokenizer(path)
             if tokenizer is None and tok.vocab_size != config.vocab_size:  # found, not asked for: pass on it
                 source += f", but its {tok.vocab_size} pieces do not fit this config's vocab {config.vocab_size}"
@@ -147,7 +133,7 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
             else:
                 tok.check_model_vocab(config.vocab_size)
         if tok is None:
-            echo(f"      no tokenizer: {source}; generating from token ids instead of text")
+            echo(f"      {source}; generating from token ids instead of text")
             prompts = [[config.pad_token + 1 + (i * 7919) % (config.vocab_size - config.pad_token - 1)
                         for i in range(1, 6)]]
             result = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
@@ -168,8 +154,8 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
 @click.option("--config", "config_name", default="demo", show_default=True, metavar="NAME|JSON",
               help="Model config: a preset name or a JSON file (the default has the real vocabulary).")
 @click.option("--tokenizer", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help=f"The release's tokenizer.model [default: ${TOKENIZER_ENV}, else {SHARED_TOKENIZER}; "
-                   "without one the demo generates token ids].")
+              help="The release's tokenizer.model [default: $GROK_TOKENIZER, else the development checkout's "
+                   "../shared/grok1/tokenizer.model; without one the demo generates token ids].")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 64), default=12, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")

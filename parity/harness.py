@@ -175,8 +175,12 @@ def parity_tokens(config: GrokConfig, *, seed: int = 0, batch: int = 4, seq_len:
 
 def _check_model(model: Grok, config: GrokConfig, dtype: str, purpose: str) -> None:
     """A model handed to the harness must run the config and compute dtype being compared."""
-    if model.config != config or model.dtype != COMPUTE_DTYPES[dtype]:
-        raise ValueError(f"{purpose} needs {config} in {dtype}, not {model.config} in {model.dtype}")
+    problems = config.differences(model.config)
+    if model.dtype != COMPUTE_DTYPES[dtype]:
+        problems.append(f"compute dtype: {dtype} needed, the model computes in {str(model.dtype).removeprefix('torch.')}")
+    if problems:
+        raise ValueError(f"{purpose} needs the model of its own config and dtype; this one differs in "
+                         + "; ".join(problems))
 
 
 # ---- the two sources of truth ---------------------------------------------------------------------
@@ -224,6 +228,31 @@ def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, weight
     details = {"seed": seed, "weights": weights, "quantize_attention": quantize_attention, "quantize_moe": quantize_moe,
                "tokens_shape": list(tokens.shape), "timings": timings}
     return ParityReport(label or "haiku reference", config, dtype, runs, details)
+
+
+def run_checkpoint(converted_dir: str | Path, *, raw_dir: str | Path | None = None, dtype: str = "bf16",
+                   seed: int = 0, seq_len: int = 256, batch: int = 4) -> ParityReport:
+    """A user's own converted checkpoint: grok_torch loaded from `converted_dir` (weights as stored) against
+    the haiku reference on the same weights - the raw checkpoint `raw_dir` when given (what the conversion
+    came from), else the converted tensors themselves in upstream's tree."""
+    import grok_torch
+    from convert.upstream.raw_checkpoint import read_raw_checkpoint
+    from convert.upstream.tree import state_dict_to_haiku_tree
+    from grok_torch.converted_dir import ConvertedDir
+
+    directory = ConvertedDir(converted_dir)
+    config = directory.config.config
+    model = grok_torch.load(converted_dir, dtype=dtype)
+    if raw_dir is not None:
+        params, label = read_raw_checkpoint(raw_dir, config), f"haiku reference on {raw_dir}"
+    else:
+        state = {name: directory.tensor(name) for name in directory.tensors}
+        params, label = state_dict_to_haiku_tree(state, config), f"haiku reference on {converted_dir}'s own tensors"
+    report = run_parity(config, dtype=dtype, seed=seed, seq_len=min(seq_len, config.sequence_len), batch=batch,
+                        params=params, model=model, label=label)
+    report.details.update({"checkpoint": str(converted_dir), "raw": None if raw_dir is None else str(raw_dir),
+                           "weights": model.weights})
+    return report
 
 
 def load_golden(golden_dir: str | Path) -> tuple[GrokConfig, dict[str, torch.Tensor], np.ndarray, dict[str, np.ndarray]]:

@@ -16,36 +16,43 @@ def _by_name(report: ParityReport, mode: str) -> dict:
     return {c.name: c for c in report.runs[mode].comparisons} if mode in report.runs else {}
 
 
+def _table(report: ParityReport, cell) -> list[str]:
+    """The per-layer table of `cell(comparison)` for the shown sub-modules, both modes (`!` marks a tensor
+    beyond tolerance)."""
+    cfg = report.config
+    columns = [(mode, s) for mode in MODES if mode in report.runs for s in (*SHOWN[:2], "expert_index", *SHOWN[2:])]
+    header = ["layer"] + [f"{'TF' if m == 'teacher_forced' else 'E2E'} {s}" for m, s in columns]
+    tables = {mode: _by_name(report, mode) for mode in MODES}
+
+    def value(mode: str, name: str) -> str:
+        comparison = tables[mode].get(name)
+        return "-" if comparison is None else cell(comparison) + ("" if comparison.passed else " !")
+
+    rows = [["input_embeddings"] + [value(m, "input_embeddings") if s == "out" else "" for m, s in columns]]
+    rows += [[str(i)] + [value(m, f"decoder_layer_{i}.{s}") for m, s in columns] for i in range(cfg.num_layers)]
+    rows += [[name] + [value(m, name) if s == "out" else "" for m, s in columns] for name in ("final_norm", "logits")]
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return [fmt.format(*header)] + [fmt.format(*r) for r in rows]
+
+
 def _cell(comparison) -> str:
-    if comparison is None:
-        return "-"
-    mark = "" if comparison.passed else " !"
     if comparison.tier == "experts":
-        return f"{comparison.compared - int(comparison.max_abs)}/{comparison.compared}{mark}"
-    return f"{comparison.rel_rms:.1e}{mark}"
+        return f"{comparison.compared - int(comparison.max_abs)}/{comparison.compared}"
+    return f"{comparison.rel_rms:.1e}"
 
 
 def format_report(report: ParityReport) -> str:
-    """Relative RMS error per layer and sub-module (`!` marks a tensor beyond tolerance), then the
-    distribution agreement and the first failure."""
+    """Relative RMS error and bit-exact fraction per layer and sub-module, then the distribution agreement
+    and the first failure."""
     cfg = report.config
     lines = [f"parity: grok_torch vs {report.label} ({report.dtype}); D={cfg.emb_size} layers={cfg.num_layers} "
              f"heads={cfg.num_q_heads}/{cfg.num_kv_heads} experts={cfg.num_selected_experts}/{cfg.num_experts} "
              f"vocab={cfg.vocab_size}"]
-    columns = [(mode, s) for mode in MODES if mode in report.runs for s in (*SHOWN[:2], "expert_index", *SHOWN[2:])]
-    header = ["layer"] + [f"{'TF' if m == 'teacher_forced' else 'E2E'} {s}" for m, s in columns]
-    rows = []
-    tables = {mode: _by_name(report, mode) for mode in MODES}
-    for name in ("input_embeddings",):
-        rows.append([name] + [_cell(tables[m].get(name)) if s == "out" else "" for m, s in columns])
-    for i in range(cfg.num_layers):
-        rows.append([str(i)] + [_cell(tables[m].get(f"decoder_layer_{i}.{s}")) for m, s in columns])
-    for name in ("final_norm", "logits"):
-        rows.append([name] + [_cell(tables[m].get(name)) if s == "out" else "" for m, s in columns])
-    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     lines.append("relative RMS error per tensor (experts: tokens that chose the same experts):")
-    lines += [fmt.format(*header)] + [fmt.format(*r) for r in rows]
+    lines += _table(report, _cell)
+    lines.append("bit-exact fraction per tensor:")
+    lines += _table(report, lambda c: f"{c.bit_exact:.4f}")
     for mode, run in report.runs.items():
         lines.append(f"bit-exact fraction per sub-module ({mode}, least over layers): " + bit_exact_summary(run))
     for mode, run in report.runs.items():
@@ -83,27 +90,66 @@ def write_json(report: ParityReport, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report.to_json(), indent=1) + "\n")
 
 
-def plot_report(report: ParityReport, path: str | Path) -> None:
-    """Per-layer relative RMS error of each shown sub-module, both modes, log scale."""
+PLOT_PANELS = {  # panel title -> the per-layer sub-modules drawn in it
+    "attention and experts": ("attn_out", "moe_out", "out"),
+    "router (fp32)": ("router_logits", "router_probs", "expert_gate"),
+}
+
+
+def report_figure(report: ParityReport):
+    """The figure of `plot_report`: one row per mode; per layer the relative RMS error of the block outputs
+    and of the router, and the head (final norm, logits), on shared log y-axes, with the tolerance of each
+    tier as a dashed line, integer layer ticks, and the legends beside the axes (never over the data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(report.runs), figsize=(6 * len(report.runs), 4), squeeze=False)
+    from parity.tolerances import TOLERANCES, tier_of
+
+    modes = [m for m in MODES if m in report.runs]
+    panels = len(PLOT_PANELS) + 1
+    fig, axes = plt.subplots(len(modes), panels, figsize=(5 * panels + 2, 3.6 * len(modes)), squeeze=False,
+                             sharey=True, gridspec_kw={"width_ratios": [3] * len(PLOT_PANELS) + [1]})
     layers = list(range(report.config.num_layers))
-    for ax, (mode, run) in zip(axes[0], report.runs.items()):
+    for row, mode in zip(axes, modes):
+        run = report.runs[mode]
         table = {c.name: c for c in run.comparisons}
-        for suffix in ("attn_out", "moe_out", "out"):
-            errors = [max(table[f"decoder_layer_{i}.{suffix}"].rel_rms, PLOT_FLOOR) for i in layers]
-            ax.plot(layers, errors, marker="o", label=suffix)
-        ax.axhline(PLOT_FLOOR, color="grey", lw=0.5, ls=":")
-        ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("relative RMS error")
-        ax.set_title(f"{mode.replace('_', ' ')} ({report.dtype}): {'pass' if run.passed else 'FAIL'}")
-        ax.legend()
-    fig.suptitle(f"grok_torch vs {report.label} (bit-exact drawn at {PLOT_FLOOR:g})")
+        tolerances = TOLERANCES[(report.dtype, mode)]
+        for ax, (title, suffixes) in zip(row, PLOT_PANELS.items()):
+            tiers = {}
+            for suffix in suffixes:
+                errors = [max(table[f"decoder_layer_{i}.{suffix}"].rel_rms, PLOT_FLOOR)
+                          for i in layers if f"decoder_layer_{i}.{suffix}" in table]
+                if errors:
+                    line, = ax.plot(layers[:len(errors)], errors, marker="o", ms=3, label=suffix)
+                    tiers.setdefault(tier_of(suffix), line.get_color())
+            for tier, color in tiers.items():
+                ax.axhline(max(tolerances[tier].max_rel_rms, PLOT_FLOOR), color=color, lw=1, ls="--",
+                           label=f"{tier} tolerance")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("layer")
+            ax.set_title(f"{mode.replace('_', ' ')}: {title}")
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+        head = row[-1]
+        names = [n for n in ("final_norm", "logits") if n in table]
+        head.bar(names, [max(table[n].rel_rms, PLOT_FLOOR) for n in names], color=["tab:gray", "tab:red"][:len(names)])
+        for n in names:
+            head.axhline(max(tolerances[tier_of(n)].max_rel_rms, PLOT_FLOOR), color="black", lw=1, ls="--")
+        head.set_title(f"head: {'pass' if run.passed else 'FAIL'}")
+        row[0].set_yscale("log")
+        row[0].set_ylabel("relative RMS error")
+    fig.suptitle(f"grok_torch vs {report.label} ({report.dtype}); bit-exact drawn at {PLOT_FLOOR:g}, "
+                 f"dashed: the tier's tolerance")
     fig.tight_layout()
+    return fig
+
+
+def plot_report(report: ParityReport, path: str | Path) -> None:
+    """Write `report_figure(report)` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(report)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -96,7 +96,22 @@ def test_synthetic_checkpoint_is_valid_converts_and_verifies(tmp_path):
         assert "ok:" in run(*GROK_TORCH, "verify", src, out).stdout
     # refuses to write into a non-empty directory
     refused = run(sys.executable, SCRIPTS / "make_synthetic_checkpoint", src, "--config", "tiny", check=False)
-    assert refused.returncode != 0 and "not empty" in refused.stderr
+    assert refused.returncode == 1 and refused.stderr.strip() == f"error: {src} exists and is not empty (use --overwrite)"
+
+
+def test_synthetic_checkpoint_keeps_the_config_files_layers(tmp_path):
+    """--layers overrides the config only when given: a JSON config's num_layers stands."""
+    values = GrokConfig.from_name("tiny", num_layers=5).to_dict()
+    (tmp_path / "five.json").write_text(json.dumps(values))
+    done = run(sys.executable, SCRIPTS / "make_synthetic_checkpoint", tmp_path / "a", "--config", tmp_path / "five.json",
+               "--no-progress")
+    assert json.loads(done.stdout)["files"] == 2 + 12 * 5
+    assert GrokConfig.from_json(tmp_path / "a" / "config.json").num_layers == 5
+    done = run(sys.executable, SCRIPTS / "make_synthetic_checkpoint", tmp_path / "b", "--config", tmp_path / "five.json",
+               "--layers", "2", "--progress")
+    assert json.loads(done.stdout)["files"] == 2 + 12 * 2 and "synthetic checkpoint: 100%" in done.stderr
+    quiet = run(sys.executable, SCRIPTS / "make_synthetic_checkpoint", tmp_path / "c", "--config", "tiny", "--quiet")
+    assert quiet.stderr == ""
 
 
 def test_bench_tiny_end_to_end(tmp_path):

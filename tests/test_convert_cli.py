@@ -65,11 +65,24 @@ def test_config_json_in_src_is_used_by_default(tmp_path):
     assert result.exit_code == 0 and "84 linear weight(s) written unquantized" in result.stdout
 
 
+def test_an_export_converts_back_with_its_own_config(tmp_path):
+    """export-upstream writes config.json beside ckpt-0, so converting its output back needs no --config."""
+    assert run("convert", GOLDEN_DIR, tmp_path / "int8").exit_code == 0
+    assert run("export-upstream", tmp_path / "int8", tmp_path / "back").exit_code == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["num_layers"] == 12
+    result = run("convert", tmp_path / "back", tmp_path / "again")
+    assert result.exit_code == 0 and f"using config {tmp_path / 'back' / 'config.json'}" in result.stderr
+    assert run("verify", GOLDEN_DIR, tmp_path / "again").exit_code == 0
+
+
 def test_default_config_is_grok1(tmp_path):
     root = copy_golden(tmp_path / "src")  # no config.json beside ckpt-0
     result = run("convert", root, tmp_path / "out")
-    assert_user_error(result, "expected exactly 770 files")
+    assert_user_error(result, "expected exactly 770 files", "(its 146 tensor files fit a 12-layer Grok)",
+                      f"the config used was the grok-1 preset (no config.json in {root}) (64 layers): give the "
+                      f"checkpoint's own with --config NAME|JSON")
     assert not (tmp_path / "out").exists()
+    assert_user_error(run("convert", root, tmp_path / "out", "--config", "tiny"), "the config used was --config tiny")
 
 
 def test_existing_destination(tmp_path):
@@ -84,6 +97,7 @@ def test_malicious_checkpoint_prints_one_error_and_runs_nothing(tmp_path):
     (root / "ckpt-0" / "tensor00003_000").write_bytes(pickle.dumps(SystemCall(f"touch {marker}"), protocol=4))
     result = run("convert", root, tmp_path / "out", "--config", CONFIG)
     assert_user_error(result, "tensor00003_000", "system' is not allowed", "decoder_layer_0/moe/linear_1/w")
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # the refusal is one line
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert_user_error(run("inspect", root), "tensor00003_000", "not allowed")
 
@@ -214,3 +228,15 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_config_mismatch_names_only_the_fields_that_differ(tmp_path):
+    assert run("convert", GOLDEN_DIR, tmp_path / "int8").exit_code == 0
+    values = json.loads((GOLDEN_DIR / "config.json").read_text())
+    values["sequence_len"] = 32
+    (tmp_path / "other.json").write_text(json.dumps(values))
+    result = run("verify", GOLDEN_DIR, tmp_path / "int8", "--config", tmp_path / "other.json")
+    assert result.exit_code == 3
+    assert (f"{tmp_path / 'int8'}/config.json: grok_config differs from the config given in sequence_len: 32 != 16"
+            in result.stdout)
+    assert "GrokConfig(" not in result.output

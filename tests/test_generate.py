@@ -1,7 +1,5 @@
 """Generation: KV-cache decoding against full recomputation, batching, stopping, limits, tokenizer, CLI."""
 
-import json
-import math
 import re
 import warnings
 
@@ -250,11 +248,17 @@ def error_line(args):
     return result.output
 
 
-def test_cli_errors_are_one_line(tmp_path, converted):
+def test_cli_errors_are_one_line(tmp_path, converted, monkeypatch):
+    import grok_torch.tokenizer
+
     out = error_line([str(tmp_path / "missing"), "--prompt", "x"])
     assert "missing: not a directory" in out
-    out = error_line([str(converted), "--prompt", "x"])  # no --tokenizer, none in the directory
-    assert f"tokenizer {converted / 'tokenizer.model'} does not exist" in out and "--tokenizer FILE" in out
+    monkeypatch.delenv("GROK_TOKENIZER", raising=False)
+    monkeypatch.setattr(grok_torch.tokenizer, "SHARED_TOKENIZER", tmp_path / "no-shared.model")
+    out = error_line([str(converted), "--prompt", "x"])  # no --tokenizer, none in the directory or beside
+    assert (f"no tokenizer found (looked at the copy in {converted}: {converted / 'tokenizer.model'}; the "
+            f"development checkout's shared copy: {tmp_path / 'no-shared.model'})") in out
+    assert "--tokenizer FILE" in out and "$GROK_TOKENIZER" in out
     out = error_line([str(converted), "--prompt", "x", "--tokenizer", str(tmp_path / "t.model")])
     assert "t.model does not exist" in out
     (tmp_path / "empty").mkdir()
@@ -265,3 +269,10 @@ def test_cli_errors_are_one_line(tmp_path, converted):
         write_converted(small, random_model(GrokConfig.from_name("tiny")))
         out = error_line([str(small), "--prompt", "x", "--tokenizer", str(TOKENIZER)])
         assert "has 131072 pieces but the model's vocab_size is 512" in out
+
+
+def test_cli_refuses_sampling_options_with_greedy_decoding(converted):
+    out = error_line([str(converted), "--prompt", "x", "--temperature", "0", "--top-p", "0.9", "--seed", "3"])
+    assert out.strip() == "error: --top-p and --seed do not apply with --temperature 0 (greedy decoding draws nothing)"
+    out = error_line([str(converted), "--prompt", "x", "--temperature", "0", "--seed", "3"])
+    assert "--seed does not apply with --temperature 0" in out

@@ -175,7 +175,7 @@ def test_resume_with_other_options_or_a_changed_source_is_refused(src, tmp_path,
     partial = _interrupted_partial(src, dst, monkeypatch)
     before = _files(partial)
     config = golden_config()
-    with pytest.raises(DestinationError, match=r"different options \(--dtype was int8, now bf16\); rerun with "
+    with pytest.raises(DestinationError, match=r"different options \(--weights was int8, now bf16\); rerun with "
                                                r"the same options, or delete it"):
         convert_checkpoint(src, dst, config, weights="bf16", max_shard_size=SHARD, resume=True)
     with pytest.raises(DestinationError, match=r"--max-shard-size was 1000000, now 2000000"):

@@ -1,8 +1,6 @@
 """grok_torch model: size, shapes, cache, batching, weight formats, and the golden upstream activations."""
 
-import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from jaxtyping import TypeCheckError

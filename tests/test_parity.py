@@ -2,8 +2,8 @@
 known port bug injected into grok_torch makes parity fail at the right sub-module."""
 
 import json
+import shutil
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -149,3 +149,47 @@ def test_parity_weights_option_stores_the_random_linears_as_asked():
     report = run_parity(GrokConfig.from_name("tiny-1l"), dtype="bf16", weights="bf16", seq_len=32, model_hook=hook)
     assert report.passed and report.details["weights"] == "bf16"
     assert seen == [(torch.bfloat16, False)]
+
+
+def test_parity_on_a_users_converted_checkpoint(tmp_path, golden_dir):
+    from convert.converter import convert_checkpoint
+    from grok_torch.config import GrokConfig as Config
+
+    config = Config.from_json(golden_dir / "config.json")
+    converted = convert_checkpoint(golden_dir, tmp_path / "int8", config, progress=False).dst
+    for extra in ([], ["--raw", str(golden_dir)]):
+        result = CliRunner().invoke(main, ["parity", "--checkpoint", str(converted), "--dtype", "bf16",
+                                           "--seq-len", "16", "--json", str(tmp_path / "r.json"), *extra])
+        assert result.exit_code == 0, result.output
+        assert "PARITY PASSED" in result.output and ("on " + str(golden_dir if extra else converted)) in result.output
+        details = json.loads((tmp_path / "r.json").read_text())["details"]
+        assert details["checkpoint"] == str(converted) and details["weights"] == "int8"
+    # the reference on other weights than the conversion's: it must fail
+    other = tmp_path / "other"
+    shutil.copytree(golden_dir / "ckpt-0", other / "ckpt-0")
+    shutil.copyfile(golden_dir / "ckpt-0" / "tensor00014_000", other / "ckpt-0" / "tensor00002_000")  # layer 1's
+    result = CliRunner().invoke(main, ["parity", "--checkpoint", str(converted), "--raw", str(other), "--dtype",
+                                       "bf16", "--seq-len", "16"])
+    assert result.exit_code == 1 and "first divergence (teacher_forced): decoder_layer_0." in result.output
+    result = CliRunner().invoke(main, ["parity", "--checkpoint", str(converted), "--config", "tiny"])
+    assert result.exit_code == 1 and "--config does not apply with --checkpoint" in result.output
+    assert "--raw applies only with --checkpoint" in CliRunner().invoke(main, ["parity", "--raw", str(golden_dir)]).output
+
+
+def test_plot_has_tolerance_lines_integer_ticks_shared_axes_and_outside_legends():
+    from parity.report import PLOT_PANELS, report_figure
+
+    report = run_parity(GrokConfig.from_name("tiny"), dtype="bf16", seq_len=32)
+    fig = report_figure(report)
+    axes = fig.axes
+    assert len(axes) == 2 * (len(PLOT_PANELS) + 1)  # two modes x (blocks, router, head)
+    assert len({ax.get_ylim() for ax in axes}) == 1  # shared y
+    titles = [ax.get_title() for ax in axes]
+    assert "teacher forced: router (fp32)" in titles and "head: pass" in titles
+    fig.canvas.draw()
+    for ax in axes[:len(PLOT_PANELS)]:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        assert any(line.get_label().endswith("tolerance") for line in ax.get_lines())
+        legend = ax.get_legend().get_window_extent()
+        assert legend.x0 >= ax.get_window_extent().x1 - 1  # beside the axes, not over the data

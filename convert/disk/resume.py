@@ -100,7 +100,7 @@ class ShardRecord:
 
 def _describe_difference(old: dict, new: dict, labels: dict[str, str] | None = None) -> str:
     names = {"source": "source", "source_files": "the source files (sizes or modification times)",
-             "weight_format": "--dtype", "max_shard_size": "--max-shard-size", "grok_config": "the config",
+             "weight_format": "--weights", "max_shard_size": "--max-shard-size", "grok_config": "the config",
              "grok_torch_version": "the grok-torch version", "shards": "the shard plan",
              "plan_sha256": "the shard plan", **(labels or {})}
     differ = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]

@@ -49,7 +49,8 @@ Engine code read: vllm-project/vllm grok1.py @02082de9 and @048a32c7, sgl-projec
 @click.option("--weights", type=click.Choice(["bf16", "int8"]), default="bf16", show_default=True,
               help="Linear weights: bf16 (both engines) or compressed-tensors W8A16 int8 (vllm only).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="The release's tokenizer.model, shipped in OUT with a tokenizer_config.json.")
+              help="The release's tokenizer.model, shipped in OUT with a tokenizer_config.json [default: "
+                   "CONVERTED_DIR's copy, when convert made one].")
 @sharded_output_options("export", "OUT", "a previous export")
 @cli_errors
 def export_serving_cmd(converted_dir: Path, out: Path, engine: str, weights: str, tokenizer: Path | None,

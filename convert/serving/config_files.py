@@ -30,7 +30,6 @@ ARCHITECTURE = "Grok1ModelForCausalLM"  # the one name every vLLM registry and S
 # converted TokenizersBackend (models/auto/tokenization_auto.py of transformers 5.24), whose ids differ.
 MODEL_TYPE = "llama"
 GENERATION_CONFIG_FILE = "generation_config.json"
-TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # transformers >= 5 wraps the SentencePiece model itself with this class (ids identical to sentencepiece's);
 # its converted "fast" LlamaTokenizer gives other ids for Grok's model (digits, runs of spaces).

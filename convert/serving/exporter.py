@@ -36,12 +36,12 @@ from convert.disk.resume import JobNames
 from convert.disk.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, TensorToWrite
 from convert.serving.compressed import (GROUP_SIZE, check_groups, compressed_names, pack_int8, repeat_scales,
                                         scale_overhead)
-from convert.serving.config_files import (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
-                                          NotServableError, check_servable, engine_config, generation_config,
+from convert.serving.config_files import (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, NotServableError, check_servable, engine_config, generation_config,
                                           json_text, tokenizer_config)
 from convert.serving.names import ENGINES, EngineTensor, expand, table_for
 from convert.upstream.export import check_converted
-from grok_torch.converted_dir import CONFIG_FILE, INDEX_FILE, ConvertedDir, grok_torch_version, is_owned_name
+from grok_torch.converted_dir import (CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE, ConvertedDir, grok_torch_version,
+                                      is_owned_name)
 from grok_torch.dtypes import numpy_dtype
 from grok_torch.errors import JobInterrupted
 
@@ -206,6 +206,8 @@ def export_serving(src: str | os.PathLike, dst: str | os.PathLike, *, engine: st
     planned = plan_export(config, engine, weights, quantized)
     dst = check_destination(dst, src, overwrite=overwrite, replaceable=is_export_file, what="export-serving")
     tokenizer_path = Path(tokenizer) if tokenizer is not None else None
+    if tokenizer_path is None and (directory.path / TOKENIZER_FILE).is_file():
+        tokenizer_path = directory.path / TOKENIZER_FILE  # the copy convert made
     tokenizer_files, bos_token_id = _tokenizer_files(tokenizer_path, config)
 
     source = str(directory.path.resolve())

@@ -1,6 +1,7 @@
 """Export a converted directory or a grok_torch state dict back to the official raw checkpoint layout.
 
-`dst/ckpt-0/tensor{i:05d}_000`, one pickle per parameter in `checkpoint_layout` order, exactly as upstream's
+`dst/ckpt-0/tensor{i:05d}_000`, one pickle per parameter (with `dst/config.json` in upstream field names and,
+from a converted directory that has one, `dst/tokenizer.model` beside it) in `checkpoint_layout` order, exactly as upstream's
 checkpoint code writes them (protocol 4, see convert.upstream.pickle_writer):
 
 - a linear weight that has scales (int8 `[..., out, in]` + bf16 `[..., out, G]`) becomes a pickled
@@ -18,6 +19,7 @@ Everything is checked (names, dtypes, shapes) before anything is written; the ou
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -29,8 +31,8 @@ from convert.disk.output_dir import check_destination, staged_directory
 from convert.upstream.layouts import scales_to_haiku
 from convert.upstream.param_names import ParamEntry, checkpoint_layout
 from convert.upstream.pickle_writer import write_array_pickle, write_quantized_pickle
-from convert.upstream.raw_checkpoint import TENSOR_FILE
-from grok_torch.converted_dir import ConvertedDir
+from convert.upstream.raw_checkpoint import PROBLEMS_SHOWN, TENSOR_FILE
+from grok_torch.converted_dir import CONFIG_FILE, TOKENIZER_FILE, ConvertedDir
 from grok_torch.dtypes import numpy_dtype, torch_to_numpy
 from grok_torch.progress import progress_bar
 
@@ -123,8 +125,8 @@ def _plan(source: _Source, config: "GrokConfig", strict: bool) -> list[_FilePlan
         problems.append(f"{len(extra)} tensor(s) that Grok-1 does not have: {', '.join(extra[:5])}"
                         + (" ..." if len(extra) > 5 else "") + " (strict=False skips them)")
     if problems:
-        raise ExportError(f"cannot export {source.description}:\n  " + "\n  ".join(problems[:20])
-                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+        raise ExportError(f"cannot export {source.description}: " + "; ".join(problems[:PROBLEMS_SHOWN])
+                          + (f"; ... and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""))
     return plans
 
 
@@ -158,7 +160,8 @@ def _resolve_config(src: "Mapping | ConvertedDir", config: "GrokConfig | None") 
         return config
     stored = src.config.config
     if config is not None and config != stored:
-        raise ExportError(f"{src.path}: the config given differs from the directory's config.json")
+        raise ExportError(f"{src.path}: the config given differs from the directory's config.json in "
+                          f"{'; '.join(config.differences(stored))}")
     return stored
 
 
@@ -169,7 +172,8 @@ def export_upstream(src: str | os.PathLike | Mapping[str, object], dst: str | os
     `config`) -> `dst/ckpt-0/` in the official format. Raises ExportError / DestinationError before writing."""
     is_mapping = isinstance(src, Mapping)
     dst = check_destination(dst, None if is_mapping else src, overwrite=overwrite,
-                            replaceable=lambda name: name == "ckpt-0", what="export-upstream")
+                            replaceable=lambda name: name in ("ckpt-0", CONFIG_FILE, TOKENIZER_FILE),
+                            what="export-upstream")
     directory = None if is_mapping else ConvertedDir(src)
     config = _resolve_config(src if is_mapping else directory, config)
     source = _mapping_source(src) if is_mapping else _dir_source(directory)
@@ -180,6 +184,10 @@ def export_upstream(src: str | os.PathLike | Mapping[str, object], dst: str | os
         ckpt.mkdir()
         for plan in plans:
             bar.update(_write_file(ckpt / TENSOR_FILE.format(index=plan.entry.index), plan, source))
+        # Beside ckpt-0, as a release has them: converting this back finds its config and tokenizer.
+        config.save_json(partial / CONFIG_FILE)
+        if directory is not None and (directory.path / TOKENIZER_FILE).is_file():
+            shutil.copyfile(directory.path / TOKENIZER_FILE, partial / TOKENIZER_FILE)
     return ExportResult(dst, len(plans), sum(p.quantized for p in plans),
                         sum(p.entry.quantizable and not p.quantized for p in plans))
 

@@ -46,6 +46,13 @@ def is_raw_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
+PROBLEMS_SHOWN = 5  # an error is one line: the first few problems, and how many more
+
+
+class FileCountError(CheckpointError):
+    """The checkpoint's tensor files do not match the number the config asks for (often: the wrong config)."""
+
+
 def check_file_list(ckpt_dir: Path, count: int) -> list[Path]:
     """The `count` tensor files of `ckpt_dir` in order; missing or extra entries raise CheckpointError."""
     expected = [TENSOR_FILE.format(index=i) for i in range(count)]
@@ -58,8 +65,11 @@ def check_file_list(ckpt_dir: Path, count: int) -> list[Path]:
     if extra:
         problems.append(f"extra file(s) {_name_list(extra)}")
     if problems:
-        raise CheckpointError(f"{ckpt_dir}: " + "; ".join(problems) + f"; expected exactly {count} files "
-                              f"{expected[0]} .. {expected[-1]} for this config")
+        found = sum(1 for name in present if _TENSOR_FILE_RE.match(name))
+        fits = (f" (its {found} tensor files fit a {(found - 2) // 12}-layer Grok)"
+                if found > 2 and (found - 2) % 12 == 0 else "")
+        raise FileCountError(f"{ckpt_dir}: " + "; ".join(problems) + f"; expected exactly {count} files "
+                             f"{expected[0]} .. {expected[-1]} for this config{fits}")
     return [ckpt_dir / name for name in expected]
 
 
@@ -118,8 +128,8 @@ def validate_raw_checkpoint(src: str | os.PathLike, config: "GrokConfig") -> lis
         pairs.append((entry, info))
     if problems:
         head = f"{ckpt_dir}: {len(problems)} tensor file(s) do not match the config"
-        raise CheckpointError(head + ":\n  " + "\n  ".join(problems[:20])
-                              + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+        raise CheckpointError(head + ": " + "; ".join(problems[:PROBLEMS_SHOWN])
+                              + (f"; ... and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""))
     return pairs
 
 
