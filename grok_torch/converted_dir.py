@@ -256,7 +256,12 @@ class ConvertedDir:
     def _handle(self, name: str):
         if name not in self.tensors:
             raise LoadError(f"{self.path}: no tensor {name}")
-        return self._handles[self.tensors[name].file.name]
+        file = self.tensors[name].file
+        if file.name not in self._handles:  # unmapped by close(): map it again
+            from safetensors import safe_open
+
+            self._handles[file.name] = safe_open(str(file), framework="pt")
+        return self._handles[file.name]
 
     def tensor(self, name: str) -> "torch.Tensor":
         """The whole tensor, a view of a private memory map of its shard (read when touched)."""
@@ -271,6 +276,8 @@ class ConvertedDir:
         return torch_to_numpy(self.torch_block(name, index))
 
     def close(self) -> None:
+        """Unmap every shard: the pages read so far stop counting as this process's memory once no tensor
+        read from them is alive. A later read maps its shard again (a long job calls this between blocks)."""
         self._handles.clear()
 
     def __enter__(self) -> "ConvertedDir":

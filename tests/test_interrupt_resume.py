@@ -5,7 +5,7 @@ A killed `grok-torch convert` must leave nothing that load or verify accepts at 
 produce output byte-identical to an uninterrupted run. The source is never modified.
 
 The child processes stop themselves at an exact point through the test-only hook GROK_TORCH_TEST_STOP_AT
-(convert.converter._test_stop: SIGSTOP after announcing it on stderr); the test then kills them.
+(convert.disk.job.test_stop: SIGSTOP after announcing it on stderr); the test then kills them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +24,10 @@ from convert.disk.output_dir import DestinationError
 from convert.disk.resume import JOURNAL_FILE, partial_path
 from convert.verify import verify
 from support.checkpoints import golden_config, sha256_tree
+from support.stopping import CLI, start, wait_until_stopped
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals needed")
 
-CLI = [sys.executable, "-c", "import sys; from grok_torch.cli import main; sys.argv[0] = 'grok-torch'; main()"]
 SHARD = 1_000_000  # 8 shards of the golden checkpoint in int8
 
 
@@ -45,32 +43,6 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def _start(args: list, stop_at: str) -> subprocess.Popen:
-    env = dict(os.environ, GROK_TORCH_TEST_STOP_AT=stop_at)
-    return subprocess.Popen(CLI + [str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def _wait_until_stopped(proc: subprocess.Popen, point: str) -> list[str]:
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if line.startswith(f"GROK_TORCH_TEST_STOP_AT: stopped at {point}"):
-            break
-    else:
-        raise AssertionError(f"the convert never reached {point}: {''.join(lines)}")
-    stat = Path(f"/proc/{proc.pid}/stat")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # the SIGSTOP it sends itself has taken effect
-        if not stat.exists():
-            time.sleep(0.5)
-            break
-        if stat.read_text().rsplit(")", 1)[1].split()[0] == "T":
-            break
-        time.sleep(0.01)
-    return lines
-
-
 def _assert_not_loadable(src: Path, dst: Path) -> None:
     assert not dst.exists()
     with pytest.raises(grok_torch.LoadError):
@@ -83,8 +55,8 @@ def _assert_not_loadable(src: Path, dst: Path) -> None:
 def test_sigkill_leaves_nothing_loadable_and_resume_is_byte_identical(src, src_sums, reference, tmp_path,
                                                                      point, reused):
     dst = tmp_path / "out"
-    proc = _start(["convert", src, dst, "--max-shard-size", SHARD], point)
-    _wait_until_stopped(proc, point)
+    proc = start(["convert", src, dst, "--max-shard-size", SHARD], point)
+    wait_until_stopped(proc, point)
     proc.kill()  # SIGKILL: no clean-up runs
     proc.wait(30)
     proc.stdout.close()
@@ -117,8 +89,8 @@ def test_sigkill_leaves_nothing_loadable_and_resume_is_byte_identical(src, src_s
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_keeps_the_finished_shards_and_says_so(src, src_sums, reference, tmp_path, signum):
     dst = tmp_path / "out"
-    proc = _start(["convert", src, dst, "--max-shard-size", SHARD], "shard:2")
-    _wait_until_stopped(proc, "shard:2")
+    proc = start(["convert", src, dst, "--max-shard-size", SHARD], "shard:2")
+    wait_until_stopped(proc, "shard:2")
     proc.send_signal(signum)
     proc.send_signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=60)
