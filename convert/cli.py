@@ -87,6 +87,31 @@ def _weights_option(weights: str, old_dtype: str | None) -> str:
     return old_dtype
 
 
+def sharded_output_options(noun: str, dst: str, replaceable: str):
+    """The options of a command that writes sharded safetensors as a resumable job (convert.disk.job):
+    --max-shard-size, --overwrite, --resume, --no-space-check, --progress; `noun` names the job, `dst` the
+    output argument, `replaceable` what --overwrite may replace."""
+    options = [
+        click.option("--max-shard-size", default="5GB", show_default=True, callback=_size, metavar="SIZE",
+                     help="Largest safetensors shard: 5GB, 500MB, 1GiB or plain bytes."),
+        click.option("--overwrite", is_flag=True, help=f"Replace {dst} if it is {replaceable}."),
+        click.option("--resume", is_flag=True,
+                     help=f"Continue an interrupted {noun}: reuse the finished shards in .{dst}.partial after "
+                          f"checking their recorded sizes and sha256 (the options must be the same)."),
+        click.option("--no-space-check", "space_check", is_flag=True, flag_value=False, default=True,
+                     help=f"Skip the up-front check that {dst}'s file system has room for the output (for file "
+                          f"systems that report free space wrongly)."),
+        click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY)."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 _CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with upstream field names. "
                 "Default: SRC/config.json if present, else grok-1.")
 
@@ -100,20 +125,11 @@ _CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with u
                    "upstream's rounding. fp32: the dequantized values upstream computes with.")
 @click.option("--dtype", "old_dtype", type=click.Choice(WEIGHT_FORMATS), default=None, hidden=True,
               help="Deprecated name of --weights (--dtype is the compute dtype in every other command).")
-@click.option("--max-shard-size", default="5GB", show_default=True, callback=_size, metavar="SIZE",
-              help="Largest safetensors shard: 5GB, 500MB, 1GiB or plain bytes.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace DST if grok-torch wrote it (its .grok-torch-output marker, nothing else in it).")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted conversion: reuse the finished shards in .DST.partial after checking "
-                   "their recorded sizes and sha256 (the options must be the same).")
-@click.option("--no-space-check", "space_check", is_flag=True, flag_value=False, default=True,
-              help="Skip the up-front check that DST's file system has room for the output (for file systems "
-                   "that report free space wrongly).")
 @click.option("--tokenizer", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="The release's tokenizer.model, copied into DST (its sha256 recorded) so that generate finds it "
                    "[default: SRC/tokenizer.model or SRC/../tokenizer.model when present].")
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
+@sharded_output_options("conversion", "DST", "a directory grok-torch wrote (its .grok-torch-output marker, "
+                        "nothing else in it)")
 @cli_errors
 def convert_cmd(src: Path, dst: Path, config_name: str | None, weights: str, old_dtype: str | None, max_shard_size: int,
                 overwrite: bool, resume: bool, space_check: bool, tokenizer: Path | None, progress: bool | None) -> None:

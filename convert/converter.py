@@ -7,19 +7,16 @@ complete. What each output tensor holds is `convert.plan`'s; each raw file is ma
 `convert.disk.read_ahead` keeps the disk reading the next ones; blocks are transposed into one reused buffer
 and written by `convert.disk.shard_file` (O_DIRECT, on a writer thread). That directory's journal records
 each finished shard's size and sha256, so an interrupted run can be resumed (convert.disk.resume); on an
-error or a full disk it is removed. The index, written last, records the sha256 of every shard and of
-config.json (what `grok-torch verify DIR` checks); the destination is claimed by convert.disk.output_dir
-(a lock against a second run, replaced only if grok-torch wrote it, marked as grok-torch's when installed).
+error or a full disk it is removed (the steps it shares with export-serving: convert.disk.job). The index,
+written last, records the sha256 of every shard and of config.json (what `grok-torch verify DIR` checks);
+the destination is claimed by convert.disk.output_dir (a lock against a second run, replaced only if
+grok-torch wrote it, marked as grok-torch's when installed).
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
+import contextlib
 import os
-import shutil
-import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -27,18 +24,17 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 
 from convert.disk.blocks import CHUNK_BYTES, Scratch, import_torch_in_background
+from convert.disk.job import write_resumable
 from convert.disk.output_dir import Destination
 from convert.disk.read_ahead import ReadAhead
 from convert.disk.resume import PartialOutput, sha256_of
-from convert.disk.safetensors_writer import (DEFAULT_MAX_SHARD_SIZE, TensorToWrite, plan_shard_files,
-                                             shard_header, shards_index_text, write_sharded_safetensors)
+from convert.disk.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, TensorToWrite
 from convert.plan import OutputTensor, plan_from_info
 from convert.upstream.raw_checkpoint import resolve_ckpt_dir, validate_raw_checkpoint
 from convert.upstream.tensor_file import TensorFileInfo, read_tensor_file
-from grok_torch.converted_dir import (CONFIG_FILE, INDEX_FILE, INDEX_SHA256, TOKENIZER_FILE, check_weight_format,
-                                      config_text, config_values, grok_torch_version, shard_metadata)
-from grok_torch.errors import JobInterrupted, OutOfSpaceError, deprecated_alias, is_no_space
-from grok_torch.progress import human_bytes, progress_bar
+from grok_torch.converted_dir import (CONFIG_FILE, TOKENIZER_FILE, check_weight_format, config_text, config_values,
+                                      grok_torch_version, shard_metadata)
+from grok_torch.errors import JobInterrupted, deprecated_alias
 
 if TYPE_CHECKING:
     from grok_torch.config import GrokConfig
@@ -121,20 +117,6 @@ class ConversionInterrupted(JobInterrupted):
     """Ctrl-C during a conversion, after the clean-up; the message says what was kept and how to resume."""
 
 
-_TEST_STOP = "GROK_TORCH_TEST_STOP_AT"
-
-
-def _test_stop(event: str) -> None:
-    """Test hook only: with GROK_TORCH_TEST_STOP_AT=<event> in the environment ("tensor:N": before the N-th
-    tensor written in this run; "shard:N": after the N-th shard finished in this run; "install": before the
-    rename into place), announce it on stderr and stop the process (SIGSTOP) there, so a test can kill it
-    (SIGKILL) or interrupt it (SIGINT, then SIGCONT) at exactly that point."""
-    if os.environ.get(_TEST_STOP) == event and hasattr(signal, "SIGSTOP"):
-        sys.stderr.write(f"{_TEST_STOP}: stopped at {event}\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-
 def _source_fingerprint(pairs: list) -> list[list]:
     """Name, size and modification time of every source file: a resumed run must read the same input."""
     fingerprint = []
@@ -142,19 +124,6 @@ def _source_fingerprint(pairs: list) -> list[list]:
         stat = os.stat(info.path)
         fingerprint.append([info.path.name, stat.st_size, stat.st_mtime_ns])
     return fingerprint
-
-
-def _space_needed(partial: PartialOutput, files: list, extra_texts: list[str]) -> int:
-    """Bytes the rest of the conversion will occupy: the shards not reused, index, config, journal and marker,
-    each rounded up to whole blocks of the file system."""
-    try:
-        block = max(1, os.statvfs(partial.path).f_frsize)
-    except (AttributeError, OSError):
-        block = 4096
-    sizes = [size for name, size, _ in files if not partial.reusable(name, size)]
-    sizes += [len(text.encode()) for text in extra_texts] + [64 << 10]  # the journal, generously
-    sizes.append(256 + 80 * (len(files) + 2))  # the marker: a line per file
-    return sum(-(-size // block) * block for size in sizes)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "GrokConfig", weights: str = "int8",
@@ -193,22 +162,15 @@ def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_f
     source = str(ckpt_dir.resolve())
     outputs: list[tuple[OutputTensor, TensorFileInfo]] = [
         (out, info) for entry, info in pairs for out in plan_from_info(entry, info, weight_format)]
-    started = itertools.count(1)
     scratch = Scratch()  # every block of every tensor is made in this one buffer
+    cache: _LastParam | None = None  # the raw files, read by `chunks_of` while writing
 
     def chunks_of(out: OutputTensor, info: TensorFileInfo) -> Callable[[], Iterator[np.ndarray]]:
-        def chunks() -> Iterator[np.ndarray]:
-            if _TEST_STOP in os.environ:
-                _test_stop(f"tensor:{next(started)}")
-            return out.chunks(cache.get(info), chunk_bytes, scratch)
-
-        return chunks
+        return lambda: out.chunks(cache.get(info), chunk_bytes, scratch)
 
     tensors = [TensorToWrite(out.name, out.dtype, out.shape, chunks_of(out, info)) for out, info in outputs]
     total = sum(t.nbytes for t in tensors)
     metadata = shard_metadata(weight_format, source)
-    index_metadata = {"weight_format": weight_format}
-    files = plan_shard_files(tensors, max_shard_size, metadata)
     tokenizer_path = tokenizer_source(ckpt_dir, config, tokenizer, log)
     tokenizer_info = None
     if tokenizer_path is not None:
@@ -217,71 +179,29 @@ def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_f
                                             tokenizer_info))
     options = {"source": source, "source_files": _source_fingerprint(pairs), "weight_format": weight_format,
                "max_shard_size": max_shard_size, "grok_config": config.to_dict(),
-               "grok_torch_version": grok_torch_version(), "shards": [[name, size] for name, size, _ in files],
-               "plan_sha256": hashlib.sha256(b"".join(shard_header(shard, metadata) for _, _, shard in files)
-                                             ).hexdigest()}
-    written = itertools.count(1)
+               "grok_torch_version": grok_torch_version()}
 
-    placeholder = {INDEX_SHA256: {name: "0" * 64 for name, _, _ in files} | {CONFIG_FILE: "0" * 64}}
-    with PartialOutput(dst, options, resume=resume, log=log) as partial:
-        needed = _space_needed(partial, files, [shards_index_text(files, index_metadata | placeholder), config_json])
-        free = shutil.disk_usage(partial.path).free
-        if check_space and needed > free:
-            kept = "" if partial.created else f"; {partial.path} is kept for --resume"
-            if partial.created:
-                partial.discard()
-            raise OutOfSpaceError(f"not enough free space on {dst.parent}: the conversion needs "
-                                  f"{human_bytes(needed)}, {human_bytes(free)} are free{kept}; free some space or "
-                                  f"choose another DST (--no-space-check skips this check)")
-        reused = sum(1 for name, size, _ in files if partial.reusable(name, size))
+    @contextlib.contextmanager
+    def reading(partial: PartialOutput, files: list) -> Iterator[None]:
+        """Read ahead the raw files of the shards that are not reused, and import torch meanwhile."""
+        nonlocal cache
         source_of = {out.name: info.path for out, info in outputs}
         to_read = [source_of[t.name] for name, size, shard in files if not partial.reusable(name, size) for t in shard]
-
-        def on_shard(path: Path, size: int, sha256: str) -> None:
-            partial.record(path, size, sha256)
-            if _TEST_STOP in os.environ:
-                _test_stop(f"shard:{next(written)}")
-
-        cache = _LastParam(ReadAhead(list(dict.fromkeys(to_read))))  # read by `chunks_of` while writing
+        cache = _LastParam(ReadAhead(list(dict.fromkeys(to_read))))
         torch_import = import_torch_in_background() if to_read else None
         try:
-            with progress_bar(total, f"convert ({weight_format})", progress) as bar:
-                shards = write_sharded_safetensors(partial.path, tensors, max_shard_size=max_shard_size,
-                                                   metadata=metadata, on_bytes=bar.update, reuse_shard=partial.reuse,
-                                                   on_shard=on_shard, write_index=False)
-                if tokenizer_path is not None:
-                    shutil.copyfile(tokenizer_path, partial.path / TOKENIZER_FILE)
-                (partial.path / CONFIG_FILE).write_text(config_json)
-                # The index last, with the sha256 of every shard (as written, or as checked when reused) and of
-                # config.json: what `grok-torch verify DIR` and load(verify=True) check the directory against.
-                sums = {name: partial.records[name].sha256 for name, _, _ in files}  # in shard order
-                sums[CONFIG_FILE] = hashlib.sha256(config_json.encode()).hexdigest()
-                (partial.path / INDEX_FILE).write_text(shards_index_text(files, index_metadata | {INDEX_SHA256: sums}))
-            _test_stop("install")
-            partial.finish(target.install)
-        except KeyboardInterrupt:
-            if not partial.path.exists() and dst.exists():
-                raise  # interrupted after the rename: the output is complete
-            shards_kept, bytes_kept = partial.keep_finished()
-            if shards_kept:
-                message = (f"interrupted: kept {shards_kept} finished shard(s), {human_bytes(bytes_kept)}, in "
-                           f"{partial.path}; rerun the same command with --resume to check and reuse them")
-            else:
-                message = f"interrupted before any shard was finished: removed {partial.path}"
-            raise ConversionInterrupted(message) from None
-        except OSError as err:
-            partial.discard()
-            if is_no_space(err):
-                raise OutOfSpaceError(f"out of disk space on {dst.parent}: the conversion needs "
-                                      f"{human_bytes(needed)}, {human_bytes(free)} were free when it started; "
-                                      f"removed the partial output {partial.path}") from err
-            raise
-        except BaseException:
-            partial.discard()
-            raise
+            yield
         finally:
             cache.read_ahead.close()
             if torch_import is not None:
                 torch_import.join()
-    return ConversionResult(dst, weight_format, [p.name for p in shards], len(tensors), total, reused)
 
+    # the tokenizer (copied, when there is one) before config.json, which names it
+    extra_files = {TOKENIZER_FILE: tokenizer_path.read_bytes()} if tokenizer_path is not None else {}
+    extra_files[CONFIG_FILE] = config_json
+    result = write_resumable(dst, tensors, options=options, max_shard_size=max_shard_size, metadata=metadata,
+                             index_metadata={"weight_format": weight_format}, extra_files=extra_files,
+                             resume=resume, check_space=check_space, progress=progress,
+                             desc=f"convert ({weight_format})", log=log, interrupted=ConversionInterrupted,
+                             reading=reading, destination=target, sha256_files=(CONFIG_FILE,))
+    return ConversionResult(dst, weight_format, [p.name for p in result.shards], len(tensors), total, result.reused)

@@ -19,6 +19,7 @@ COMMANDS = {
     "inspect": "convert.cli:inspect_cmd",
     "verify": "convert.cli:verify_cmd",
     "export-upstream": "convert.cli:export_upstream_cmd",
+    "export-serving": "convert.serving.cli:export_serving_cmd",
     "parity": "parity.cli:parity_cmd",
     "generate": "grok_torch.generate_cli:generate_cmd",
     "demo": "parity.demo:demo_cmd",

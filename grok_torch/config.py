@@ -234,6 +234,11 @@ PRESETS: dict[str, GrokConfig] = {
     # The demo's model: tiny widths with the real vocabulary, so the release's tokenizer fits it.
     "demo": dataclasses.replace(_GROK1, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2,
                                 num_layers=2, sequence_len=256),
+    # The smallest shape vLLM and SGLang serve as upstream computes (head_dim 128 = hidden / heads) with
+    # compressed-tensors int8 (every scale group a multiple of 128 wide): export-serving's tests.
+    "tiny-serving": dataclasses.replace(_GROK1, emb_size=1024, key_size=128, num_q_heads=8, num_kv_heads=2,
+                                        num_layers=2, vocab_size=512, widening_factor=1.5, num_experts=2,
+                                        sequence_len=256),
     # Synthetic checkpoint preset matching the real width, used by the benchmarks.
     "grok-1-width-1l": dataclasses.replace(_GROK1, num_layers=1),
 }

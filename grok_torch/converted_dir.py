@@ -189,8 +189,9 @@ def read_config(directory: str | os.PathLike) -> ConvertedConfig:
             raise LoadError(f"{path}: quantized[{name!r}] is true in a {values['weight_format']} directory "
                             f"(only int8 directories store int8 + scales)")
     tokenizer = values.get("tokenizer")  # written since the converter copies the tokenizer: optional
-    if tokenizer is not None and not (isinstance(tokenizer, dict) and tokenizer.get("file") == TOKENIZER_FILE and
-                                      isinstance(tokenizer.get("sha256"), str) and _SHA256_RE.match(tokenizer["sha256"])):
+    sha256 = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
+    if tokenizer is not None and not (isinstance(sha256, str) and _SHA256_RE.match(sha256)
+                                      and tokenizer.get("file") == TOKENIZER_FILE):
         raise _type_error(path, "tokenizer", f"null or {{\"file\": \"{TOKENIZER_FILE}\", \"sha256\": <64 hex "
                           f"digits>, ...}}", tokenizer)
     return ConvertedConfig(path, values["weight_format"], config, quantized, values["source"], values,
@@ -481,8 +482,8 @@ class ConvertedDir:
         the copied tokenizer.model (in config.json), reading each; config.json itself was checked when the
         directory was opened. LoadError if the index records nothing."""
         if self.recorded_sha256 is None:
-            raise LoadError(f"{self.path / INDEX_FILE} records no sha256 of the files (written by an older grok-torch); "
-                            f"there is nothing to verify the directory against")
+            raise LoadError(f"{self.path / INDEX_FILE} records no sha256 of the files (written by an older "
+                            f"grok-torch); there is nothing to verify the directory against")
         from grok_torch.progress import progress_bar
 
         recorded = {name: (self.recorded_sha256[name], INDEX_FILE) for name in sorted(set(self.weight_map.values()))}
@@ -510,7 +511,12 @@ class ConvertedDir:
     def _handle(self, name: str):
         if name not in self.tensors:
             raise LoadError(f"{self.path}: no tensor {name}")
-        return self._handles[self.tensors[name].file.name]
+        file = self.tensors[name].file
+        if file.name not in self._handles:  # unmapped by close(): map it again
+            from safetensors import safe_open
+
+            self._handles[file.name] = safe_open(str(file), framework="pt")
+        return self._handles[file.name]
 
     def tensor(self, name: str) -> "torch.Tensor":
         """The whole tensor, a view of a private memory map of its shard (read when touched)."""
@@ -525,6 +531,8 @@ class ConvertedDir:
         return torch_to_numpy(self.torch_block(name, index))
 
     def close(self) -> None:
+        """Unmap every shard: the pages read so far stop counting as this process's memory once no tensor
+        read from them is alive. A later read maps its shard again (a long job calls this between blocks)."""
         self._handles.clear()
 
     def __enter__(self) -> "ConvertedDir":

@@ -78,6 +78,14 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    def piece(self, token_id: int) -> str:
+        """The piece of one id: piece(1) is "[BOS]" for Grok-1's tokenizer."""
+        return self._sp.id_to_piece(int(token_id))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS or EOS."""
         return list(self._sp.encode(text, add_bos=False, add_eos=False))

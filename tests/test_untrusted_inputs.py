@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -299,10 +300,12 @@ def _wait_stopped(proc, point):
     else:
         raise AssertionError(f"the run never reached {point}")
     stat = Path(f"/proc/{proc.pid}/stat")
-    for _ in range(3000):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the SIGSTOP it sends itself has taken effect
         if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "T":
             return
-        os.sched_yield()
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not stop at {point}")
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP") or not Path("/proc/self/stat").exists(), reason="POSIX, /proc")
@@ -340,6 +343,28 @@ def test_a_held_lock_refuses_export_too(tmp_path, converted):
             export_upstream(converted, dst)
     export_upstream(converted, dst)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_serving_claims_its_destination_the_same_way(tmp_path):
+    """export-serving (sharing convert's job) is locked, and overwrites only grok-torch's own output."""
+    from convert.disk.output_dir import DestinationLock
+    from convert.serving.exporter import export_serving
+    from support.checkpoints import random_conversion
+
+    (tmp_path / "src").mkdir()
+    converted, _ = random_conversion(tmp_path / "src", GrokConfig.from_name("tiny-serving"))
+    dst = tmp_path / "serving"
+    with DestinationLock(dst):
+        with pytest.raises(DestinationError, match=f"being written by another grok-torch run \\(PID {os.getpid()}"):
+            export_serving(converted, dst, engine="vllm")
+    _fake_conversion(dst)
+    with pytest.raises(DestinationError, match="was not written by grok-torch"):
+        export_serving(converted, dst, engine="vllm", overwrite=True)
+    shutil.rmtree(dst)
+    export_serving(converted, dst, engine="vllm")
+    assert json.loads((dst / ".grok-torch-output").read_text())["written_by"] == "export-serving"
+    export_serving(converted, dst, engine="sglang", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serving", "src"]
 
 
 class NoInodes:

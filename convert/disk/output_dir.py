@@ -32,7 +32,7 @@ from grok_torch.untrusted_files import read_json
 
 MARKER_FILE = ".grok-torch-output"
 MARKER_FORMAT = "grok-torch-output"
-WRITERS = ("convert", "export-upstream")  # the commands that write (and may replace) a destination
+WRITERS = ("convert", "export-upstream", "export-serving")  # the commands that write (and may replace) one
 _SCAN_LIMIT = 100_000  # entries looked at when describing or checking a destination
 
 

@@ -14,6 +14,9 @@ directory (a shard being written when the process died, a shard that fails its c
 written again. The shards are a pure function of the options, so the result is byte-identical to an
 uninterrupted run. Without `--resume`, an existing partial directory is refused, never silently
 replaced. A lock (flock on the directory) keeps two converts from writing the same one.
+
+`grok-torch export-serving` (convert.serving) writes its output the same way; `JobNames`, `owned_name` and
+`labels` say whose partial directory it is (convert's by default).
 """
 
 from __future__ import annotations
@@ -70,8 +73,17 @@ def _lock(path: Path) -> int | None:
     return fd
 
 
-def _owned_name(name: str) -> bool:
-    return name in (JOURNAL_FILE, JOURNAL_FILE + ".tmp") or is_owned_name(name)
+@dataclass(frozen=True)
+class JobNames:
+    """How the messages name the job whose output this is: `grok-torch <command>`, "an interrupted <noun>",
+    "<gerund> from the start"."""
+
+    command: str
+    noun: str
+    gerund: str
+
+
+CONVERT = JobNames("convert", "conversion", "converting")
 
 
 @dataclass(frozen=True)
@@ -81,18 +93,19 @@ class ShardRecord:
     sha256: str
 
 
-def _describe_difference(old: dict, new: dict) -> str:
+def _describe_difference(old: dict, new: dict, labels: dict[str, str] | None = None) -> str:
     names = {"source": "source", "source_files": "the source files (sizes or modification times)",
              "weight_format": "--weights", "max_shard_size": "--max-shard-size", "grok_config": "the config",
              "grok_torch_version": "the grok-torch version", "shards": "the shard plan",
-             "plan_sha256": "the shard plan"}
+             "plan_sha256": "the shard plan", **(labels or {})}
     differ = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if set(differ) - {"shards", "plan_sha256"}:
         differ = [key for key in differ if key not in ("shards", "plan_sha256")]  # follows from the others
     parts = []
     for key in differ:
         label = names.get(key, key)
-        if key in ("weight_format", "max_shard_size", "grok_torch_version", "source"):
+        shown = key in (labels or {}) and not isinstance(new.get(key), (dict, list))  # a labelled scalar
+        if key in ("weight_format", "max_shard_size", "grok_torch_version", "source") or shown:
             parts.append(f"{label} was {old.get(key)}, now {new.get(key)}")
         elif label not in parts:
             parts.append(label)
@@ -103,10 +116,17 @@ class PartialOutput:
     """The partial directory of one conversion, locked while this object is open. Use as a context manager:
     on entering, it is created (fresh) or checked and cleaned (resume); then the converter asks `reuse()`
     for each shard, calls `record()` after each shard, and ends with `finish()`, `discard()` or
-    `keep_finished()`."""
+    `keep_finished()`. `names` says whose output it is (convert's by default), `owned_name(file name)` which
+    files that job writes (a converted directory's by default), `labels` how to name its options when a
+    resume is refused ({option key: label}; the old and new values of a scalar option are shown)."""
 
-    def __init__(self, dst: Path, options: dict, *, resume: bool, log: Callable[[str], None]):
+    def __init__(self, dst: Path, options: dict, *, resume: bool, log: Callable[[str], None],
+                 names: JobNames = CONVERT, owned_name: Callable[[str], bool] | None = None,
+                 labels: dict[str, str] | None = None):
         self.dst = dst
+        self.names = names
+        self.owned_name = owned_name or is_owned_name
+        self.labels = labels
         self.path = partial_path(dst)
         self.options = json.loads(json.dumps(options))  # as it reads back from the journal
         self.resume = resume
@@ -123,16 +143,16 @@ class PartialOutput:
         except OSError as err:
             if is_no_space(err) and not isinstance(err, OutOfSpaceError):
                 raise OutOfSpaceError(f"out of disk space on {self.dst.parent} ({err.strerror}) before the "
-                                      f"conversion started; nothing was left behind") from err
+                                      f"{self.names.noun} started; nothing was left behind") from err
             raise
 
     def _enter(self) -> "PartialOutput":
         path = self.path
         if path.is_symlink() or (path.exists() and not path.is_dir()):
-            raise DestinationError(f"{path} exists and is not a directory that convert made; remove it")
+            raise DestinationError(f"{path} exists and is not a directory that {self.names.command} made; remove it")
         if not path.exists():
             if self.resume:
-                self.log(f"nothing to resume ({path} does not exist): converting from the start")
+                self.log(f"nothing to resume ({path} does not exist): {self.names.gerund} from the start")
             path.mkdir(mode=0o777)  # the umask applies: an ordinary directory once renamed to DST
             self.created = True
             try:
@@ -157,7 +177,7 @@ class PartialOutput:
     def _take_lock(self) -> None:
         self.fd = _lock(self.path)
         if self.fd is None:
-            raise DestinationError(f"{self.path} is being written by another grok-torch convert right now; "
+            raise DestinationError(f"{self.path} is being written by another grok-torch {self.names.command} right now; "
                                    f"wait for it to finish")
 
     def _release(self) -> None:
@@ -170,20 +190,20 @@ class PartialOutput:
         journal = self._load_journal()
         if not self.resume:
             done = f"{len(journal['shards'])} finished shard(s)" if journal else "no finished shard"
-            raise DestinationError(f"{self.path} holds the partial output of an interrupted conversion ({done}); "
+            raise DestinationError(f"{self.path} holds the partial output of an interrupted {self.names.noun} ({done}); "
                                    f"rerun with --resume to check and reuse it, or delete it to start over")
-        foreign = sorted(p.name for p in self.path.iterdir() if not _owned_name(p.name))
+        foreign = sorted(p.name for p in self.path.iterdir() if not self._owned(p.name))
         if foreign:
-            raise DestinationError(f"{self.path} holds files that convert does not write ({', '.join(foreign[:5])}); "
-                                   f"refusing to resume into it")
+            raise DestinationError(f"{self.path} holds files that {self.names.command} does not write "
+                                   f"({', '.join(foreign[:5])}); refusing to resume into it")
         if journal is None:
-            self.log(f"{self.path} has no readable journal: converting from the start")
+            self.log(f"{self.path} has no readable journal: {self.names.gerund} from the start")
             self._clear(keep=())
             self._save()
             return
         if journal["options"] != self.options:
             raise DestinationError(f"{self.path} was made with different options ("
-                                   f"{_describe_difference(journal['options'], self.options)}); rerun with the "
+                                   f"{_describe_difference(journal['options'], self.options, self.labels)}); rerun with the "
                                    f"same options, or delete it to start over")
         recorded = [ShardRecord(**r) for r in journal["shards"]]
         bad = []
@@ -204,6 +224,9 @@ class PartialOutput:
         if bad:
             message += f"; {len(bad)} failed the check and will be written again ({', '.join(bad[:3])})"
         self.log(message)
+
+    def _owned(self, name: str) -> bool:
+        return name in (JOURNAL_FILE, JOURNAL_FILE + ".tmp") or self.owned_name(name)
 
     def _load_journal(self) -> dict | None:
         try:

@@ -130,6 +130,12 @@ def _plan(source: _Source, config: "GrokConfig", strict: bool) -> list[_FilePlan
     return plans
 
 
+def check_converted(directory: ConvertedDir, strict: bool = True) -> list[_FilePlan]:
+    """Every parameter of a converted directory (entry, whether it is int8 + scales, its dtype), checked as an
+    export checks them: names, dtypes and shapes against its config; ExportError listing the problems."""
+    return _plan(_dir_source(directory), directory.config.config, strict)
+
+
 # ---- write ----------------------------------------------------------------------------------------------------
 
 def _write_file(path: Path, plan: _FilePlan, source: _Source) -> int:

@@ -106,3 +106,18 @@ def copy_golden_with_config(dst_dir: Path) -> Path:
     copy_golden(dst_dir)
     shutil.copyfile(GOLDEN_DIR / "config.json", Path(dst_dir) / "config.json")
     return Path(dst_dir)
+
+
+def random_conversion(root: Path, config: GrokConfig, seed: int = 0) -> tuple[Path, dict]:
+    """parity.init's seeded random weights for `config`, written in the official format by export-upstream
+    (root/upstream) and converted to int8 (root/converted). Returns (the converted directory, the haiku tree
+    {module: {param: array | QuantizedWeight8bit}} that was written)."""
+    from convert.converter import convert_checkpoint
+    from convert.upstream.export import export_upstream
+    from convert.upstream.tree import haiku_tree_to_state_dict
+    from parity.init import init_params
+
+    params = init_params(config, seed=seed)
+    export_upstream(haiku_tree_to_state_dict(params, config), Path(root) / "upstream", config=config, progress=False)
+    converted = convert_checkpoint(Path(root) / "upstream", Path(root) / "converted", config, progress=False).dst
+    return converted, params

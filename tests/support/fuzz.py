@@ -245,9 +245,9 @@ def config_json(rng: random.Random, directory: Path) -> str:
         del values["grok_config"][rng.choice(sorted(values["grok_config"]))]
     elif kind == "top":
         field = rng.choice(["format", "format_version", "weight_format", "grok_torch_version", "source", "grok_config",
-                            "quantized"])
+                            "quantized", "tokenizer"])
         if rng.random() < 0.3:
-            values.pop(field)
+            values.pop(field, None)
         else:
             values[field] = rng.choice(ODD_VALUES + ["int8", "bf16", "fp32", "grok-torch-converted"])
     elif kind == "quantized":
