@@ -154,7 +154,16 @@ def test_convert_refuses_an_untrusted_src_config_at_once(tmp_path, edit, expecte
     assert not (tmp_path / "out").exists()
 
 
-# ---- integrity: sha256 of every shard and of config.json, recorded in the index ---------------------------------------
+def test_a_src_config_json_that_is_a_fifo_is_refused_not_skipped(tmp_path):
+    root = copy_golden(tmp_path / "src")
+    os.mkfifo(root / "config.json")
+    result = within(30, lambda: invoke("convert", root, tmp_path / "out"),
+                    unblock=lambda: unblock_fifo(root / "config.json"))
+    assert_one_error(result, f"{root / 'config.json'}: not a regular file (a FIFO)")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- integrity: sha256 of every shard and of config.json, recorded in the index --------------------------------
 
 def test_the_index_records_the_sha256_of_every_file(converted):
     import hashlib
@@ -193,7 +202,8 @@ def test_verify_dir_checks_the_copied_tokenizer_against_config_json(converted, t
     shutil.copytree(converted, copy)
     (copy / "tokenizer.model").write_bytes(b"a tokenizer")
     values = json.loads((copy / "config.json").read_text())
-    values["tokenizer"] = {"file": "tokenizer.model", "sha256": hashlib.sha256(b"a tokenizer").hexdigest(), "source": "x"}
+    values["tokenizer"] = {"file": "tokenizer.model", "sha256": hashlib.sha256(b"a tokenizer").hexdigest(),
+                           "source": "x"}
     (copy / "config.json").write_text(json.dumps(values))
     index = json.loads((copy / INDEX_FILE).read_text())  # as the converter records it
     index["metadata"]["sha256"]["config.json"] = hashlib.sha256((copy / "config.json").read_bytes()).hexdigest()
