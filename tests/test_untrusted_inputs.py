@@ -7,17 +7,14 @@ nothing hangs on a FIFO, nothing reads a device, nothing is allocated for a mode
 
 from __future__ import annotations
 
-import errno
 import builtins
+import errno
 import io
 import json
 import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -38,9 +35,9 @@ from support.checkpoints import copy_golden, golden_config
 from support.deadline import unblock_fifo, within
 from support.models import random_model
 from support.paths import GOLDEN_DIR
+from support.stopping import start, wait_until_stopped
 
 SHARD = 1_000_000  # 8 shards of the golden checkpoint in int8
-CLI = [sys.executable, "-c", "import sys; from grok_torch.cli import main; sys.argv[0] = 'grok-torch'; main()"]
 
 
 def invoke(*args):
@@ -297,35 +294,14 @@ def test_export_upstream_overwrites_only_its_own_output(tmp_path, converted):
         export_upstream(converted, dst, overwrite=True)
 
 
-def _start(args, stop_at):
-    env = dict(os.environ, GROK_TORCH_TEST_STOP_AT=stop_at)
-    return subprocess.Popen(CLI + [str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def _wait_stopped(proc, point):
-    for line in proc.stderr:
-        if line.startswith(f"GROK_TORCH_TEST_STOP_AT: stopped at {point}"):
-            break
-    else:
-        raise AssertionError(f"the run never reached {point}")
-    stat = Path(f"/proc/{proc.pid}/stat")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # until the SIGSTOP it sends itself has taken effect
-        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "T":
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"the run did not stop at {point}")
-
-
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP") or not Path("/proc/self/stat").exists(), reason="POSIX, /proc")
 def test_concurrent_runs_on_one_destination(tmp_path):
     """A second convert to the DST of a running one refuses at once, naming its PID; and the first one's final
     rename does not replace a DST that appeared while it worked."""
     dst = tmp_path / "out"
-    first = _start(["convert", GOLDEN_DIR, dst, "--max-shard-size", "1MB"], "install")
+    first = start(["convert", GOLDEN_DIR, dst, "--max-shard-size", "1MB"], "install")
     try:
-        _wait_stopped(first, "install")
+        wait_until_stopped(first, "install")
         result = within(20, lambda: invoke("convert", GOLDEN_DIR, dst, "--weights", "bf16"))
         assert_one_error(result, f"{dst} is being written by another grok-torch run (PID {first.pid})")
         result = within(20, lambda: invoke("convert", GOLDEN_DIR, dst, "--weights", "bf16", "--overwrite"))
