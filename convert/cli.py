@@ -47,7 +47,7 @@ def _config_for(src: Path, option: str | None) -> tuple[GrokConfig, str]:
     if option:
         return GrokConfig.resolve(option), f"--config {option}"
     for candidate in (src / "config.json", src.parent / "config.json" if src.name == "ckpt-0" else None):
-        if candidate is not None and candidate.is_file():
+        if candidate is not None and (candidate.exists() or candidate.is_symlink()):  # from_json refuses non-files
             click.echo(f"using config {candidate}", err=True)
             return GrokConfig.from_json(candidate), str(candidate)
     return GrokConfig.from_name(DEFAULT_CONFIG), f"the {DEFAULT_CONFIG} preset (no config.json in {src})"
@@ -128,7 +128,8 @@ _CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with u
 @click.option("--tokenizer", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="The release's tokenizer.model, copied into DST (its sha256 recorded) so that generate finds it "
                    "[default: SRC/tokenizer.model or SRC/../tokenizer.model when present].")
-@sharded_output_options("conversion", "DST", "a previous conversion output")
+@sharded_output_options("conversion", "DST", "a directory grok-torch wrote (its .grok-torch-output marker, "
+                        "nothing else in it)")
 @cli_errors
 def convert_cmd(src: Path, dst: Path, config_name: str | None, weights: str, old_dtype: str | None, max_shard_size: int,
                 overwrite: bool, resume: bool, space_check: bool, tokenizer: Path | None, progress: bool | None) -> None:
@@ -169,17 +170,28 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 
 @click.command("verify")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path), required=False)
 @click.option("--config", "config_name", metavar="NAME|JSON",
               help="Needed only to compare two raw checkpoints (default as for convert); with a converted "
                    "directory its config.json is used and --config, if given, must agree.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
 @cli_errors
-def verify_cmd(src: Path, dst: Path, config_name: str | None) -> None:
+def verify_cmd(src: Path, dst: Path | None, config_name: str | None, progress: bool | None) -> None:
     """Re-read SRC and DST and check every tensor bit for bit: a raw checkpoint against its conversion
     (int8 exact, bf16/fp32 by upstream's dequantization rule), or two raw checkpoints, or two converted
-    directories. Exit status 3 if anything differs."""
-    from convert.verify import verify
+    directories. With SRC alone (a converted directory): check every file against the sha256 that the
+    converter recorded in its index. Exit status 3 if anything differs."""
+    from convert.verify import verify, verify_recorded
 
+    if dst is None:
+        mismatches, checked = verify_recorded(src, progress=progress)
+        for line in mismatches:
+            click.echo(line)
+        if mismatches:
+            raise UserError(f"{len(mismatches)} mismatch(es) between {src} and the sha256 recorded at conversion",
+                            EXIT_MISMATCH)
+        click.echo(f"ok: {src}: {checked} match the sha256 recorded at conversion")
+        return
     both_raw = not is_converted_dir(src) and not is_converted_dir(dst)
     config, origin = _config_for(src, config_name) if (config_name or both_raw) else (None, "")
     with _naming_the_config(origin, config):
@@ -194,7 +206,8 @@ def verify_cmd(src: Path, dst: Path, config_name: str | None) -> None:
 @click.command("export-upstream")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--overwrite", is_flag=True, help="Replace DST if it only holds a ckpt-0 directory.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace DST if grok-torch wrote it (its .grok-torch-output marker, nothing else in it).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
 @cli_errors
 def export_upstream_cmd(src: Path, dst: Path, overwrite: bool, progress: bool | None) -> None:

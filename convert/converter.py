@@ -7,7 +7,10 @@ complete. What each output tensor holds is `convert.plan`'s; each raw file is ma
 `convert.disk.read_ahead` keeps the disk reading the next ones; blocks are transposed into one reused buffer
 and written by `convert.disk.shard_file` (O_DIRECT, on a writer thread). That directory's journal records
 each finished shard's size and sha256, so an interrupted run can be resumed (convert.disk.resume); on an
-error or a full disk it is removed (the steps it shares with export-serving: convert.disk.job).
+error or a full disk it is removed (the steps it shares with export-serving: convert.disk.job). The index,
+written last, records the sha256 of every shard and of config.json (what `grok-torch verify DIR` checks);
+the destination is claimed by convert.disk.output_dir (a lock against a second run, replaced only if
+grok-torch wrote it, marked as grok-torch's when installed).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from convert.disk.blocks import CHUNK_BYTES, Scratch, import_torch_in_background
 from convert.disk.job import write_resumable
-from convert.disk.output_dir import check_destination
+from convert.disk.output_dir import Destination
 from convert.disk.read_ahead import ReadAhead
 from convert.disk.resume import PartialOutput, sha256_of
 from convert.disk.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, TensorToWrite
@@ -30,7 +33,7 @@ from convert.plan import OutputTensor, plan_from_info
 from convert.upstream.raw_checkpoint import resolve_ckpt_dir, validate_raw_checkpoint
 from convert.upstream.tensor_file import TensorFileInfo, read_tensor_file
 from grok_torch.converted_dir import (CONFIG_FILE, TOKENIZER_FILE, check_weight_format, config_text, config_values,
-                                      grok_torch_version, is_owned_name, shard_metadata)
+                                      grok_torch_version, shard_metadata)
 from grok_torch.errors import JobInterrupted, deprecated_alias
 
 if TYPE_CHECKING:
@@ -130,8 +133,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
                        tokenizer: str | os.PathLike | None = None, dtype: str | None = None) -> ConversionResult:
     """Raw checkpoint `src` (a directory holding ckpt-0/, or ckpt-0) -> converted directory `dst`.
 
-    Raises CheckpointError (source), DestinationError (dst exists / overlaps src, or an interrupted run's
-    partial output is there and `resume` is False) or ValueError (arguments) before writing anything, and
+    Raises CheckpointError (source), DestinationError (dst exists / overlaps src / was not written by
+    grok-torch / is being written by another run, or an interrupted run's partial output is there and
+    `resume` is False) or ValueError (arguments) before writing anything, and
     OutOfSpaceError when the file system of `dst` has less free space than the output needs (unless
     `check_space` is False). The output is built in `.<dst name>.partial` beside `dst` (convert.disk.resume) and
     renamed to `dst` when complete. On an error while writing (OutOfSpaceError for ENOSPC) the partial
@@ -144,7 +148,16 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
     weight_format = check_weight_format(deprecated_alias("dtype", dtype, "weights", weights, "int8"))
     log = log or (lambda message: None)
     ckpt_dir = resolve_ckpt_dir(src)
-    dst = check_destination(dst, ckpt_dir, overwrite=overwrite, replaceable=is_owned_name, what="convert")
+    with Destination(dst, ckpt_dir, overwrite=overwrite, what="convert", log=log) as target:
+        return _convert(ckpt_dir, target, config, weight_format, max_shard_size, progress, chunk_bytes, resume,
+                        check_space, log, tokenizer)
+
+
+def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_format: str, max_shard_size: int,
+             progress: bool | None, chunk_bytes: int, resume: bool, check_space: bool, log: Callable[[str], None],
+             tokenizer: str | os.PathLike | None) -> ConversionResult:
+    """The conversion, with the destination claimed (locked and checked) by `convert_checkpoint`."""
+    dst = target.path
     pairs = validate_raw_checkpoint(ckpt_dir, config)
     source = str(ckpt_dir.resolve())
     outputs: list[tuple[OutputTensor, TensorFileInfo]] = [
@@ -190,5 +203,5 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
                              index_metadata={"weight_format": weight_format}, extra_files=extra_files,
                              resume=resume, check_space=check_space, progress=progress,
                              desc=f"convert ({weight_format})", log=log, interrupted=ConversionInterrupted,
-                             reading=reading)
+                             reading=reading, destination=target, sha256_files=(CONFIG_FILE,))
     return ConversionResult(dst, weight_format, [p.name for p in result.shards], len(tensors), total, result.reused)

@@ -94,9 +94,12 @@ def _human(nbytes: int) -> str:
 def _raw_names(count: int) -> list[str]:
     """Haiku names of a `count`-file checkpoint, or the file names when the count fits no Grok-1 layout."""
     if count > 2 and (count - 2) % 12 == 0:
-        from grok_torch.config import GrokConfig
+        from grok_torch.config import ConfigError, GrokConfig
 
-        config = dataclasses.replace(GrokConfig.from_name("tiny"), num_layers=(count - 2) // 12)
+        try:
+            config = dataclasses.replace(GrokConfig.from_name("tiny"), num_layers=(count - 2) // 12)
+        except ConfigError:  # more layers than any Grok config may have
+            return [TENSOR_FILE.format(index=i) for i in range(count)]
         return [entry.haiku_name for entry in checkpoint_layout(config)]
     return [TENSOR_FILE.format(index=i) for i in range(count)]
 

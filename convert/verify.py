@@ -13,6 +13,8 @@
 - raw and raw (e.g. an original and its export-upstream round trip): every file's kind, dtypes, shapes and
   data bytes equal (needs the config).
 - converted and converted: the same tensor names, dtypes, shapes and bytes.
+- one converted directory alone (`verify_recorded`): every shard's and config.json's sha256 against the
+  ones the converter recorded in the index.
 
 Returns a list of mismatches, each naming the tensor; empty means verified. Comparison is blockwise, so
 memory stays about one raw parameter plus one block.
@@ -228,3 +230,13 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, config: "GrokConfig |
     if config is None:
         raise ValueError("comparing two raw checkpoints needs their config")
     return _verify_raw_pair(src, dst, config)
+
+
+def verify_recorded(directory: str | os.PathLike, progress: bool | None = None) -> tuple[list[str], str]:
+    """(mismatches, what was checked: "8 shard(s), tokenizer.model and config.json") of a converted directory
+    against the sha256 recorded by the converter; each mismatch names the file. A config.json that does not
+    match is refused when the directory is opened."""
+    opened = ConvertedDir(directory)
+    mismatches = opened.checksum_mismatches(progress)
+    tokenizer = ", tokenizer.model" if opened.config.values.get("tokenizer") is not None else ""
+    return mismatches, f"{len(set(opened.weight_map.values()))} shard(s){tokenizer} and config.json"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from grok_torch.config import GrokConfig
+from grok_torch.config import ConfigError, GrokConfig
 
 _LAZY = {
     "Grok": "grok_torch.model", "KVCache": "grok_torch.model",
@@ -19,7 +19,7 @@ _LAZY = {
     "Tokenizer": "grok_torch.tokenizer", "TokenizerError": "grok_torch.tokenizer",
 }
 
-__all__ = ["GrokConfig", *_LAZY]
+__all__ = ["GrokConfig", "ConfigError", *_LAZY]
 
 if TYPE_CHECKING:
     from grok_torch.generation import GenerationError, GenerationResult, generate

@@ -1,13 +1,69 @@
-"""GrokConfig: every hyper-parameter of Grok-1, with upstream field names, and named presets."""
+"""GrokConfig: every hyper-parameter of Grok-1, with upstream field names, and named presets.
+
+A config is untrusted input (a config.json in someone's checkpoint folder, a converted directory from a hub):
+every field is checked for its type (integers are ints, not bools, floats or strings; floats are finite
+real numbers) and its range before anything is built from it, and `check_stored_bytes` bounds the model it
+describes by the bytes of the checkpoint that is to fill it. Problems raise ConfigError naming the field.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a Grok model. `field` names the field at fault (None: several, or the
+    file), `problem` says what is wrong with it (the message without the file and field)."""
+
+    def __init__(self, message: str, field: str | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.field, self.problem = field, problem or message
+
+
+def _field_error(field: str, problem: str) -> ConfigError:
+    return ConfigError(f"field {field}: {problem}", field, problem)
+
+
+# Ranges of the integer fields, (smallest, largest). The upper limits are far beyond any Grok (64 layers,
+# 8 experts, 131072 tokens) but keep a hostile config from describing a model that no checkpoint could fill,
+# before the bound against the checkpoint's bytes applies (and where there is no checkpoint: Grok(config)).
+INT_RANGES = {
+    "emb_size": (1, 1 << 20), "key_size": (1, 1 << 16), "num_q_heads": (1, 1 << 16), "num_kv_heads": (1, 1 << 16),
+    "num_layers": (1, 10_000), "vocab_size": (1, 1 << 24), "num_experts": (1, 10_000),
+    "num_selected_experts": (1, 10_000), "pad_token": (0, 1 << 24), "eos_token": (0, 1 << 24),
+    "sequence_len": (1, 1 << 24), "rope_base_exponent": (1, 1 << 40), "model_shards": (1, 1 << 16),
+}
+# Float fields: finite, and those named here strictly positive (a divisor, a width factor, an epsilon).
+POSITIVE_FLOATS = ("widening_factor", "rms_norm_eps", "attn_logit_softcap")
+MAX_WEIGHTS = 10**13  # 30 times Grok-1
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _field_error(name, f"expected an integer, got {value!r}")
+    low, high = INT_RANGES[name]
+    if value < low:
+        raise _field_error(name, f"must be at least {low}, got {value}")
+    if value > high:
+        raise _field_error(name, f"must be at most {high:,}, got {value:,}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _field_error(name, f"expected a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise _field_error(name, f"must be finite, got {value}")
+    if name in POSITIVE_FLOATS and value <= 0:
+        raise _field_error(name, f"must be greater than 0, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -35,6 +91,14 @@ class GrokConfig:
     model_shards: int = 8
 
     def __post_init__(self) -> None:
+        # Each field on its own first (types, ranges), so that the relations below compute on numbers.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            checked = _check_int(field.name, value) if field.name in INT_RANGES else _check_float(field.name, value)
+            object.__setattr__(self, field.name, checked)  # numpy ints and int-valued floats become plain
+        for name in ("pad_token", "eos_token"):
+            if getattr(self, name) >= self.vocab_size:
+                raise _field_error(name, f"must be below vocab_size={self.vocab_size}, got {getattr(self, name)}")
         problems = []
         if self.num_q_heads % self.num_kv_heads:
             problems.append(f"num_q_heads={self.num_q_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -44,13 +108,16 @@ class GrokConfig:
             problems.append(f"num_selected_experts={self.num_selected_experts} must be in 1..num_experts={self.num_experts}")
         if (self.num_q_heads * self.key_size) % self.model_shards:
             problems.append(f"num_q_heads*key_size={self.num_q_heads * self.key_size} is not divisible by model_shards={self.model_shards}")
-        if self.ffn_size % self.model_shards:
+        if self.widening_factor * self.emb_size > 1 << 30:
+            problems.append(f"widening_factor*emb_size={self.widening_factor * self.emb_size:g} is more than 2**30")
+        elif self.ffn_size <= 0:
+            problems.append(f"ffn_size={self.ffn_size} (from widening_factor={self.widening_factor}) must be positive")
+        elif self.ffn_size % self.model_shards:
             problems.append(f"ffn_size={self.ffn_size} is not divisible by model_shards={self.model_shards}")
-        for name in ("emb_size", "key_size", "num_q_heads", "num_kv_heads", "num_layers", "vocab_size", "sequence_len"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not problems and self.num_parameters() > MAX_WEIGHTS:
+            problems.append(f"it describes {self.num_parameters():,} weights, more than {MAX_WEIGHTS:,}")
         if problems:
-            raise ValueError("invalid GrokConfig: " + "; ".join(problems))
+            raise ConfigError("invalid GrokConfig: " + "; ".join(problems))
 
     @property
     def ffn_size(self) -> int:
@@ -77,33 +144,47 @@ class GrokConfig:
             raise KeyError(f"unknown GrokConfig preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
+    def check_stored_bytes(self, nbytes: int, what: str) -> None:
+        """ConfigError unless `what`, holding `nbytes` bytes, can hold this model's weights: every weight takes
+        at least one byte (int8), so a config describing more weights than that is not this checkpoint's."""
+        weights = self.num_parameters()
+        if weights > nbytes:
+            raise ConfigError(f"the config describes {weights:,} weights, which need at least 1 byte per weight, but "
+                              f"there are only {nbytes:,} bytes in {what} (num_layers={self.num_layers}, emb_size="
+                              f"{self.emb_size}, vocab_size={self.vocab_size}): not the config of this checkpoint")
+
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GrokConfig":
-        """Build from upstream-named keys; unknown keys (golden metadata, comments) are ignored."""
+    def from_dict(cls, values: Any) -> "GrokConfig":
+        """Build from upstream-named keys; unknown keys (golden metadata, comments) are ignored. Every field is
+        checked (ConfigError naming it) before anything is built."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"not a JSON object ({_type_name(values)}); expected {{\"emb_size\": ..., ...}}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known}
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.name not in kwargs and f.default is dataclasses.MISSING]
         if missing:
-            raise ValueError(f"config is missing required field(s): {', '.join(missing)}")
-        if "ffn_size" in values and values["ffn_size"] != cls(**kwargs).ffn_size:
-            raise ValueError(f"config states ffn_size={values['ffn_size']} but widening_factor="
-                             f"{kwargs.get('widening_factor')} gives {cls(**kwargs).ffn_size}")
-        return cls(**kwargs)
+            raise ConfigError(f"missing required field(s): {', '.join(missing)}")
+        config = cls(**kwargs)
+        if "ffn_size" in values and (isinstance(values["ffn_size"], bool) or values["ffn_size"] != config.ffn_size):
+            raise _field_error("ffn_size", f"states {values['ffn_size']!r} but widening_factor="
+                                           f"{config.widening_factor} gives {config.ffn_size}")
+        return config
 
     @classmethod
     def from_json(cls, path: str | Path) -> "GrokConfig":
+        """A JSON file with upstream field names, or a converted directory's config.json (its grok_config).
+        Only a regular file of at most 16 MiB is read; every problem is a ConfigError naming the file."""
+        from grok_torch.untrusted_files import read_json
+
         path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read config {path}: {err}") from err
-        if "grok_config" in values:  # a converted directory's config.json
+        values, _ = read_json(path, "config", ConfigError)
+        if isinstance(values, dict) and "grok_config" in values:  # a converted directory's config.json
             values = values["grok_config"]
         try:
             return cls.from_dict(values)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}", err.field, err.problem) from None
 
     @classmethod
     def resolve(cls, name_or_path: str) -> "GrokConfig":
@@ -113,7 +194,7 @@ class GrokConfig:
         path = Path(name_or_path)
         if path.is_dir():
             path = path / "config.json"
-        if path.exists():
+        if path.exists() or path.is_symlink():  # whatever it is: from_json reads only a regular file
             return cls.from_json(path)
         raise ValueError(f"--config {name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                          f"nor an existing JSON file")
@@ -161,5 +242,9 @@ PRESETS: dict[str, GrokConfig] = {
     # Synthetic checkpoint preset matching the real width, used by the benchmarks.
     "grok-1-width-1l": dataclasses.replace(_GROK1, num_layers=1),
 }
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
 
 assert math.isclose(_GROK1.attn_output_multiplier, 1 / math.sqrt(128))

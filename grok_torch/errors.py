@@ -38,6 +38,14 @@ OPTIONAL_MODULES = {name: "the parity extra (pip install 'grok-torch[parity]')" 
 EXPECTED_ERRORS = (ValueError, KeyError, OSError)
 
 
+# errno values that mean "no space": bytes or inodes (ENOSPC: the kernel reports both so), or the quota.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def is_no_space(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS
+
+
 class OutOfSpaceError(OSError):
     """The destination's file system cannot hold the output: refused up front, or ENOSPC while writing."""
 
@@ -95,6 +103,8 @@ def as_user_error(err: BaseException) -> UserError:
         return InterruptedMessage("interrupted")
     if isinstance(err, OutOfSpaceError):
         return UserError(str(err), EXIT_NO_SPACE)
+    if is_no_space(err):  # wherever it happened: still "no space", exit 4
+        return UserError(f"out of disk space: {err}", EXIT_NO_SPACE)
     if isinstance(err, ImportError) and (err.name or "").split(".")[0] in OPTIONAL_MODULES:
         module = err.name.split(".")[0]
         return UserError(f"{module} is not installed (or not importable): this needs {OPTIONAL_MODULES[module]}")

@@ -10,15 +10,25 @@ import click
 from grok_torch.errors import UserError, cli_errors
 
 
+class _FiniteFloat(click.FloatRange):
+    """click's FloatRange, refusing inf and nan (which compare as inside any range, or take every token)."""
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 @click.command("generate")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True,
               help="Text to continue; repeat for a batch (rows are left-padded and run together).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=100, show_default=True,
               help="Tokens to generate per prompt at most (a row also stops at EOS).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.01, show_default=True,
+@click.option("--temperature", type=_FiniteFloat(min=0), default=0.01, show_default=True,
               help="Softmax temperature; 0 is greedy (argmax). The default is upstream run.py's.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+@click.option("--top-p", type=_FiniteFloat(min=0, max=1, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling with upstream's rule; 1 keeps every token.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the sampling generator.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,

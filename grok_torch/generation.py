@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from grok_torch.model import Grok, KVCache
-from grok_torch.sampling import sample_next
+from grok_torch.sampling import check_temperature, sample_next
 
 
 class GenerationError(ValueError):
@@ -147,8 +147,10 @@ def generate(model: Grok, prompts: list[list[int]], *, max_new_tokens: int = 100
     logits memory (None: one pass).
     """
     config = model.config
-    if temperature < 0 or temperature != temperature:
-        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    try:
+        check_temperature(temperature)
+    except ValueError as err:
+        raise GenerationError(str(err)) from None
     if not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be in (0, 1], got {top_p} (for greedy decoding use temperature 0)")
     if prefill_chunk is not None and prefill_chunk < 1:

@@ -108,17 +108,20 @@ def from_state_dict(state: dict[str, torch.Tensor], config: GrokConfig, *, weigh
 
 
 def load(path: str | os.PathLike, *, weights: str | None = None, dtype: str = "bf16",
-         device: str | torch.device = "cpu") -> Grok:
+         device: str | torch.device = "cpu", verify: bool = False) -> Grok:
     """Build a Grok model from a converted directory.
 
     weights: None (the default) keeps what the directory stores: int8 + bf16 scales for an int8
     conversion (weight-only quantized matmuls); "bf16"/"fp32" dequantize them; "int8" requires an int8
-    directory. dtype: the compute dtype, "bf16" or "fp32". A directory that is not a valid conversion,
-    and missing, unexpected or mistyped tensors, raise LoadError naming the file and tensor.
+    directory. dtype: the compute dtype, "bf16" or "fp32". The directory is read by ConvertedDir, which
+    checks everything but the tensor data before anything is used (a directory that is not a valid
+    conversion, a config.json that differs from the sha256 the converter recorded, missing, unexpected or
+    mistyped tensors: LoadError naming the file and the tensor or field); verify=True also checks every
+    shard's sha256 against the index (reading every byte once first).
     """
     if weights is not None and weights not in WEIGHT_FORMATS:
         raise LoadError(f"weights must be one of {', '.join(WEIGHT_FORMATS)} or None, got {weights!r}")
-    directory = ConvertedDir(path)
+    directory = ConvertedDir(path, verify=verify)
     state = {name: directory.tensor(name) for name in directory.tensors}
     return from_state_dict(state, directory.config.config, weights=weights, dtype=dtype, device=device,
                            where=str(Path(path)))

@@ -26,6 +26,8 @@ are not JAX's random stream. Temperature 0 (upstream would divide by zero) means
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -52,6 +54,13 @@ def _check_top_p(top_p: float | Tensor) -> None:
     values = torch.as_tensor(top_p, dtype=torch.float64)
     if values.isnan().any() or (values <= 0).any() or (values > 1).any():
         raise ValueError(f"top_p must be in (0, 1], got {top_p} (for greedy decoding use temperature 0)")
+
+
+def check_temperature(temperature: float) -> None:
+    """A finite number >= 0 (infinity would make every token equally likely; NaN, none)."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 and finite, got {temperature!r}")
 
 
 def nucleus_keep_mask(probs: Float[Tensor, "*batch vocab"], top_p: float | Tensor) -> Bool[Tensor, "*batch vocab"]:
@@ -88,8 +97,7 @@ def sample_next(logits: Float[Tensor, "batch vocab"], temperature: float = 1.0, 
     temperature 0 is greedy: the argmax (the lowest index among equal maxima), top_p unused. The draw
     uses `generator` (on the logits' device), so a seeded generator makes it reproducible.
     """
-    if temperature < 0 or temperature != temperature:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_temperature(temperature)
     _check_top_p(top_p)
     if temperature == 0:
         return torch.argmax(logits, dim=-1)

@@ -53,8 +53,9 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_file():
-            what = "is a directory, not a tokenizer file" if self.path.is_dir() else "does not exist"
+        if not self.path.is_file():  # a FIFO or a device would be read forever
+            what = ("is a directory, not a tokenizer file" if self.path.is_dir() else
+                    "is not a regular file" if self.path.exists() else "does not exist")
             raise TokenizerError(f"tokenizer {self.path} {what}")
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))

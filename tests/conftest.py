@@ -5,9 +5,16 @@ from pathlib import Path
 import pytest
 from jaxtyping import install_import_hook
 
+# The readers of untrusted input check the types of what they read themselves (a config field "64" is a
+# ConfigError naming the field, a bad directory a LoadError): they are tested as users run them, without the
+# run-time checker, which would refuse such values first with an error of its own.
+import grok_torch.config  # noqa: E402,F401
+import grok_torch.untrusted_files  # noqa: E402,F401
+import grok_torch.converted_dir  # noqa: E402,F401
+
 # Every jaxtyping annotation in grok_torch is checked at run time in the tests (beartype), so the
 # shapes written in the forward signatures are enforced, not decoration. Must precede any import
-# of grok_torch.
+# of the other grok_torch modules.
 with install_import_hook("grok_torch", "beartype.beartype"):
     import grok_torch.model  # noqa: F401
     import grok_torch.linear  # noqa: F401

@@ -21,7 +21,7 @@ from convert.upstream.quantized import QuantizedWeight8bit
 from convert.upstream.raw_checkpoint import read_raw_checkpoint, validate_raw_checkpoint
 from convert.upstream.tensor_file import CheckpointError
 from convert.verify import verify
-from grok_torch.converted_dir import INDEX_FILE, ConvertedDir
+from grok_torch.converted_dir import INDEX_FILE, ConvertedDir, LoadError
 from support.safetensors_bytes import tensor_byte_range
 from support.checkpoints import GOLDEN_DIR, SystemCall, copy_golden, entry_index, golden_config, replace_tensor
 
@@ -258,7 +258,7 @@ def test_existing_destination_is_refused_unless_overwrite(tmp_path, config):
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(DestinationError, match="already exists; use --overwrite"):
         convert_checkpoint(GOLDEN_DIR, dst, config)
-    with pytest.raises(DestinationError, match="does not write \\(keep.txt\\)"):
+    with pytest.raises(DestinationError, match="was not written by grok-torch \\(no .grok-torch-output marker"):
         convert_checkpoint(GOLDEN_DIR, dst, config, overwrite=True)
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
     (dst / "keep.txt").unlink()
@@ -380,7 +380,9 @@ def test_verify_catches_a_bug_in_the_converters_own_rendering(tmp_path, config, 
     assert all("int8 weight x bf16 scales (upstream's dequantization)" in m for m in mismatches)
 
 
-def test_verify_reports_missing_and_unexpected_tensors(tmp_path, config):
+def test_verify_refuses_missing_and_unexpected_tensors(tmp_path, config):
+    """The directory is read by the one strict reader: a tensor missing and one the model does not have are
+    refused when it is opened, both named."""
     from convert.disk.safetensors_writer import write_sharded_safetensors
 
     directory = tmp_path / "odd"
@@ -393,9 +395,11 @@ def test_verify_reports_missing_and_unexpected_tensors(tmp_path, config):
     (directory / INDEX_FILE).unlink()
     kept = [TensorToWrite(name, a.dtype.name, a.shape, (lambda a=a: [a])) for name, a in arrays.items()]
     extra = TensorToWrite("layers.0.extra", "float32", (2,), lambda: [np.zeros(2, np.float32)])
-    write_sharded_safetensors(directory, kept + [extra])
-    assert verify(GOLDEN_DIR, directory) == ["tensor norm.weight: missing (expected float32[64])",
-                                             "tensor layers.0.extra: unexpected (not produced from the raw checkpoint)"]
+    write_sharded_safetensors(directory, kept + [extra], metadata={"weight_format": "bf16"},
+                              index_metadata={"weight_format": "bf16"})
+    with pytest.raises(LoadError, match=r"tensor\(s\) the model needs are missing: norm.weight; tensor\(s\) the "
+                                        r"model does not have: layers.0.extra"):
+        verify(GOLDEN_DIR, directory)
 
 
 def test_inspect_both_formats_without_reading_data(converted, config):

@@ -25,7 +25,7 @@ from grok_torch.errors import EXIT_NO_SPACE, OutOfSpaceError
 from support.disk import FullDisk
 from support.checkpoints import golden_config, sha256_tree
 
-NEEDED = "7,483,392 bytes (7.5 MB)"  # the golden checkpoint in int8, 1 MB shards, in 4 KiB blocks
+NEEDED = "7,487,488 bytes (7.5 MB)"  # the golden checkpoint in int8, 1 MB shards, in 4 KiB blocks, marker included
 
 
 Usage = namedtuple("Usage", "total used free")
@@ -52,9 +52,9 @@ def test_not_enough_space_is_refused_before_writing(src, src_sums, tmp_path, mon
 
 
 def test_enough_space_passes_the_check(src, tmp_path, monkeypatch):
-    _report_free(monkeypatch, 7_483_392)
+    _report_free(monkeypatch, 7_487_488)
     convert_checkpoint(src, tmp_path / "out", golden_config(), max_shard_size=1_000_000)
-    assert len(list((tmp_path / "out").iterdir())) == 10
+    assert len(list((tmp_path / "out").iterdir())) == 11  # 8 shards, index, config, marker
 
 
 @pytest.mark.parametrize("budget", [100, 2_500_000, 7_300_000])

@@ -164,7 +164,7 @@ def test_state_dict_needs_a_config_and_dst_is_protected(tmp_path, int8_dir):
     (tmp_path / "export" / "other").write_text("x")
     with pytest.raises(DestinationError, match="already exists"):
         export_upstream(int8_dir, tmp_path / "export")
-    with pytest.raises(DestinationError, match="does not write"):
+    with pytest.raises(DestinationError, match="was not written by grok-torch"):
         export_upstream(int8_dir, tmp_path / "export", overwrite=True)
     with pytest.raises(ExportError, match="differs from the directory's config.json"):
         export_upstream(int8_dir, tmp_path / "export2", config=config.__class__.from_name("tiny"))

@@ -21,7 +21,6 @@ replaced. A lock (flock on the directory) keeps two converts from writing the sa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from convert.disk.output_dir import DestinationError, install_directory
-from grok_torch.converted_dir import is_owned_name
+from grok_torch.converted_dir import is_owned_name, sha256_file
+from grok_torch.errors import OutOfSpaceError, is_no_space
 
 JOURNAL_FILE = ".convert-journal.json"
 JOURNAL_VERSION = 1
@@ -41,12 +41,7 @@ def partial_path(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.partial"
 
 
-def sha256_of(path: Path, block: int = 16 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_of = sha256_file
 
 
 def _fsync_dir(path: Path) -> None:
@@ -143,6 +138,15 @@ class PartialOutput:
 
     # ---- set-up
     def __enter__(self) -> "PartialOutput":
+        try:
+            return self._enter()
+        except OSError as err:
+            if is_no_space(err) and not isinstance(err, OutOfSpaceError):
+                raise OutOfSpaceError(f"out of disk space on {self.dst.parent} ({err.strerror}) before the "
+                                      f"{self.names.noun} started; nothing was left behind") from err
+            raise
+
+    def _enter(self) -> "PartialOutput":
         path = self.path
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             raise DestinationError(f"{path} exists and is not a directory that {self.names.command} made; remove it")
@@ -151,8 +155,13 @@ class PartialOutput:
                 self.log(f"nothing to resume ({path} does not exist): {self.names.gerund} from the start")
             path.mkdir(mode=0o777)  # the umask applies: an ordinary directory once renamed to DST
             self.created = True
-            self._take_lock()
-            self._save()
+            try:
+                self._take_lock()
+                self._save()
+            except BaseException:  # e.g. no inode left for the journal: leave nothing
+                self._release()
+                self.discard()
+                raise
             return self
         self._take_lock()
         try:
@@ -270,11 +279,13 @@ class PartialOutput:
         self._save()
 
     # ---- ending
-    def finish(self) -> None:
-        """Complete: drop the journal, then rename the directory to DST (atomically replacing an old one)."""
+    def finish(self, install: Callable[[Path], None] | None = None) -> None:
+        """Complete: drop the journal, then `install(path)` the directory as DST (Destination.install: marked as
+        grok-torch's, replacing only the old DST that was checked); without `install`, rename it to a DST that
+        must not exist."""
         (self.path / JOURNAL_FILE).unlink()
         _fsync_dir(self.path)
-        install_directory(self.path, self.dst)
+        (install or (lambda path: install_directory(path, self.dst)))(self.path)
         _fsync_dir(self.dst.parent)
 
     def discard(self) -> None:

@@ -139,8 +139,10 @@ def write_sharded_safetensors(out_dir: str | os.PathLike, tensors: list[TensorTo
                               index_metadata: dict[str, object] | None = None,
                               on_bytes: Callable[[int], None] | None = None,
                               reuse_shard: Callable[[Path, int], bool] | None = None,
-                              on_shard: Callable[[Path, int, str], None] | None = None) -> list[Path]:
+                              on_shard: Callable[[Path, int, str], None] | None = None,
+                              write_index: bool = True) -> list[Path]:
     """Write `tensors` as shards + index into the existing directory `out_dir`; returns the shard paths.
+    (`write_index=False`: the shards only; the caller writes the index, e.g. with their sha256.)
 
     `reuse_shard(path, size)`, if given, is asked before each shard: True keeps the file already there (a
     finished shard of an interrupted run, checked by the caller) instead of writing it. `on_shard(path, size,
@@ -167,5 +169,6 @@ def write_sharded_safetensors(out_dir: str | os.PathLike, tensors: list[TensorTo
             written, sha256 = file.finish(sync=on_shard is not None)
         if on_shard:
             on_shard(path, written, sha256)
-    (out_dir / INDEX_FILE).write_text(shards_index_text(files, index_metadata))
+    if write_index:
+        (out_dir / INDEX_FILE).write_text(shards_index_text(files, index_metadata))
     return paths

@@ -31,7 +31,7 @@ import numpy as np
 
 from convert.disk.blocks import CHUNK_BYTES, block_indices
 from convert.disk.job import write_resumable
-from convert.disk.output_dir import check_destination
+from convert.disk.output_dir import Destination
 from convert.disk.resume import JobNames
 from convert.disk.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, TensorToWrite
 from convert.serving.compressed import (GROUP_SIZE, check_groups, compressed_names, pack_int8, repeat_scales,
@@ -204,35 +204,40 @@ def export_serving(src: str | os.PathLike, dst: str | os.PathLike, *, engine: st
     sources = check_converted(directory)
     quantized = {plan.entry.torch_name: plan.quantized for plan in sources}
     planned = plan_export(config, engine, weights, quantized)
-    dst = check_destination(dst, src, overwrite=overwrite, replaceable=is_export_file, what="export-serving")
-    tokenizer_path = Path(tokenizer) if tokenizer is not None else None
-    if tokenizer_path is None and (directory.path / TOKENIZER_FILE).is_file():
-        tokenizer_path = directory.path / TOKENIZER_FILE  # the copy convert made
-    tokenizer_files, bos_token_id = _tokenizer_files(tokenizer_path, config)
+    # the destination is claimed (locked against a second run, replaced only if grok-torch wrote it) for the
+    # rest of the export
+    with Destination(dst, src, overwrite=overwrite, what="export-serving", log=log) as target:
+        dst = target.path
+        tokenizer_path = Path(tokenizer) if tokenizer is not None else None
+        if tokenizer_path is None and (directory.path / TOKENIZER_FILE).is_file():
+            tokenizer_path = directory.path / TOKENIZER_FILE  # the copy convert made
+        tokenizer_files, bos_token_id = _tokenizer_files(tokenizer_path, config)
 
-    source = str(directory.path.resolve())
-    table = table_for(engine)
-    provenance = {"version": grok_torch_version(), "source": source, "engine": engine, "weights": weights,
-                  "engine_checked_against": table.checked_against, "grok_config": config.to_dict()}
-    if weights == "int8":
-        provenance["scale_group_size"] = GROUP_SIZE
-    extra_files = {CONFIG_FILE: json_text(engine_config(config, engine, weights, provenance, bos_token_id)),
-                   GENERATION_CONFIG_FILE: json_text(generation_config(config, bos_token_id)), **tokenizer_files}
-    tensors = [TensorToWrite(p.name, p.dtype, p.shape, _chunks(directory, p, chunk_bytes)) for p in planned]
-    options = {"source": source, "source_files": _source_fingerprint(directory), "engine": engine,
-               "weights": weights, "max_shard_size": max_shard_size, "grok_torch_version": grok_torch_version(),
-               "extra_files": {name: _sha256(content) for name, content in extra_files.items()}}
-    metadata = {"format": "pt", "grok_torch_version": grok_torch_version(), "engine": engine, "weights": weights}
-    try:
-        result = write_resumable(dst, tensors, options=options, max_shard_size=max_shard_size, metadata=metadata,
-                                 index_metadata={}, extra_files=extra_files, resume=resume, check_space=check_space,
-                                 progress=progress, desc=f"export-serving ({engine}, {weights})", log=log,
-                                 interrupted=ExportInterrupted, names=EXPORT, owned_name=is_export_file,
-                                 labels={"engine": "--engine", "weights": "--weights",
-                                         "max_shard_size": "--max-shard-size",
-                                         "extra_files": "the config or tokenizer files"})
-    finally:
-        directory.close()
+        source = str(directory.path.resolve())
+        table = table_for(engine)
+        provenance = {"version": grok_torch_version(), "source": source, "engine": engine, "weights": weights,
+                      "engine_checked_against": table.checked_against, "grok_config": config.to_dict()}
+        if weights == "int8":
+            provenance["scale_group_size"] = GROUP_SIZE
+        extra_files = {CONFIG_FILE: json_text(engine_config(config, engine, weights, provenance, bos_token_id)),
+                       GENERATION_CONFIG_FILE: json_text(generation_config(config, bos_token_id)), **tokenizer_files}
+        tensors = [TensorToWrite(p.name, p.dtype, p.shape, _chunks(directory, p, chunk_bytes)) for p in planned]
+        options = {"source": source, "source_files": _source_fingerprint(directory), "engine": engine,
+                   "weights": weights, "max_shard_size": max_shard_size, "grok_torch_version": grok_torch_version(),
+                   "extra_files": {name: _sha256(content) for name, content in extra_files.items()}}
+        metadata = {"format": "pt", "grok_torch_version": grok_torch_version(), "engine": engine, "weights": weights}
+        try:
+            result = write_resumable(dst, tensors, options=options, max_shard_size=max_shard_size,
+                                     metadata=metadata, index_metadata={}, extra_files=extra_files, resume=resume,
+                                     check_space=check_space, progress=progress,
+                                     desc=f"export-serving ({engine}, {weights})", log=log,
+                                     interrupted=ExportInterrupted, names=EXPORT, owned_name=is_export_file,
+                                     labels={"engine": "--engine", "weights": "--weights",
+                                             "max_shard_size": "--max-shard-size",
+                                             "extra_files": "the config or tokenizer files"},
+                                     destination=target)
+        finally:
+            directory.close()
     return ExportResult(dst, engine, weights, [p.name for p in result.shards], len(tensors),
                         sum(t.nbytes for t in tensors), result.reused, bool(tokenizer_files),
                         scale_overhead(config) if weights == "int8" else None)

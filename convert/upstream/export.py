@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from convert.disk.blocks import nbytes_of
-from convert.disk.output_dir import check_destination, staged_directory
+from convert.disk.output_dir import Destination
 from convert.upstream.layouts import scales_to_haiku
 from convert.upstream.param_names import ParamEntry, checkpoint_layout
 from convert.upstream.pickle_writer import write_array_pickle, write_quantized_pickle
@@ -169,25 +169,26 @@ def export_upstream(src: str | os.PathLike | Mapping[str, object], dst: str | os
                     config: "GrokConfig | None" = None, overwrite: bool = False, progress: bool | None = None,
                     strict: bool = True) -> ExportResult:
     """Converted directory (its config.json gives the config) or state dict {torch name: tensor} (needs
-    `config`) -> `dst/ckpt-0/` in the official format. Raises ExportError / DestinationError before writing."""
+    `config`) -> `dst/ckpt-0/` in the official format. Raises ExportError / DestinationError before writing
+    (an existing `dst` is replaced, with `overwrite`, only if grok-torch wrote it; another run on `dst` is
+    refused); OutOfSpaceError if the disk fills up (bytes, inodes or quota), leaving nothing."""
     is_mapping = isinstance(src, Mapping)
-    dst = check_destination(dst, None if is_mapping else src, overwrite=overwrite,
-                            replaceable=lambda name: name in ("ckpt-0", CONFIG_FILE, TOKENIZER_FILE),
-                            what="export-upstream")
-    directory = None if is_mapping else ConvertedDir(src)
-    config = _resolve_config(src if is_mapping else directory, config)
-    source = _mapping_source(src) if is_mapping else _dir_source(directory)
-    plans = _plan(source, config, strict)
-    total = sum(_payload_bytes(source, p) for p in plans)
-    with staged_directory(dst) as partial, progress_bar(total, "export-upstream", progress) as bar:
-        ckpt = partial / "ckpt-0"
-        ckpt.mkdir()
-        for plan in plans:
-            bar.update(_write_file(ckpt / TENSOR_FILE.format(index=plan.entry.index), plan, source))
-        # Beside ckpt-0, as a release has them: converting this back finds its config and tokenizer.
-        config.save_json(partial / CONFIG_FILE)
-        if directory is not None and (directory.path / TOKENIZER_FILE).is_file():
-            shutil.copyfile(directory.path / TOKENIZER_FILE, partial / TOKENIZER_FILE)
+    with Destination(dst, None if is_mapping else src, overwrite=overwrite, what="export-upstream") as target:
+        directory = None if is_mapping else ConvertedDir(src)
+        config = _resolve_config(src if is_mapping else directory, config)
+        source = _mapping_source(src) if is_mapping else _dir_source(directory)
+        plans = _plan(source, config, strict)
+        total = sum(_payload_bytes(source, p) for p in plans)
+        with target.staged() as partial, progress_bar(total, "export-upstream", progress) as bar:
+            ckpt = partial / "ckpt-0"
+            ckpt.mkdir()
+            for plan in plans:
+                bar.update(_write_file(ckpt / TENSOR_FILE.format(index=plan.entry.index), plan, source))
+            # Beside ckpt-0, as a release has them: converting this back finds its config and tokenizer.
+            config.save_json(partial / CONFIG_FILE)
+            if directory is not None and (directory.path / TOKENIZER_FILE).is_file():
+                shutil.copyfile(directory.path / TOKENIZER_FILE, partial / TOKENIZER_FILE)
+    dst = target.path
     return ExportResult(dst, len(plans), sum(p.quantized for p in plans),
                         sum(p.entry.quantizable and not p.quantized for p in plans))
 

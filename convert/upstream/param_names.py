@@ -147,6 +147,11 @@ def _haiku_shape(rule: NameRule, config: "GrokConfig") -> tuple[int, ...]:
     return shapes.get(rule.haiku_module, (d,))  # every other row is an RMSNorm scale
 
 
+def parameter_count(config: "GrokConfig") -> int:
+    """How many parameters (raw checkpoint files) `config` has, without building the layout."""
+    return len(TOP_LEVEL_RULES) + config.num_layers * len(LAYER_RULES)
+
+
 def checkpoint_layout(config: "GrokConfig") -> list[ParamEntry]:
     """Every parameter of `config`, in raw-checkpoint file order (the sorted haiku tree)."""
     rows: list[tuple[str, str, str, NameRule, int | None]] = []

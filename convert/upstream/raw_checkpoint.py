@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from convert.upstream.param_names import ParamEntry, checkpoint_layout
+from convert.upstream.param_names import ParamEntry, checkpoint_layout, parameter_count
 from convert.upstream.quantized import QuantizedWeight8bit
 from convert.upstream.tensor_file import CheckpointError, TensorFileInfo, read_tensor_file, scan_tensor_file
 
@@ -113,8 +113,14 @@ def validate_raw_checkpoint(src: str | os.PathLike, config: "GrokConfig") -> lis
     tensor's kind, dtype and shape. Returns (entry, info) in file order; raises one CheckpointError listing
     every problem (each naming file and parameter)."""
     ckpt_dir = resolve_ckpt_dir(src)
+    # The config may be untrusted (SRC/config.json): the file count and the bytes must fit it before its
+    # layout is built, so a config of a model the checkpoint cannot hold costs nothing to refuse.
+    files = check_file_list(ckpt_dir, parameter_count(config))
+    try:
+        config.check_stored_bytes(sum(os.stat(path).st_size for path in files), f"its {len(files)} files")
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt_dir}: {err}") from None
     layout = checkpoint_layout(config)
-    files = check_file_list(ckpt_dir, len(layout))
     pairs, problems = [], []
     for entry, path in zip(layout, files):
         try:
