@@ -25,15 +25,15 @@ import numpy as np
 
 from convert.disk.blocks import CHUNK_BYTES, Scratch, import_torch_in_background
 from convert.disk.job import write_resumable
-from convert.disk.output_dir import Destination
+from convert.disk.output_dir import Destination, DestinationError, DestinationLock
 from convert.disk.read_ahead import ReadAhead
-from convert.disk.resume import PartialOutput, sha256_of
-from convert.disk.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, TensorToWrite
+from convert.disk.resume import PartialOutput, partial_path, sha256_of
+from convert.disk.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, TensorToWrite, plan_shard_files
 from convert.plan import OutputTensor, plan_from_info
 from convert.upstream.raw_checkpoint import resolve_ckpt_dir, validate_raw_checkpoint
 from convert.upstream.tensor_file import TensorFileInfo, read_tensor_file
-from grok_torch.converted_dir import (CONFIG_FILE, TOKENIZER_FILE, check_weight_format, config_text, config_values,
-                                      grok_torch_version, shard_metadata)
+from grok_torch.converted_dir import (CONFIG_FILE, SHARD_FILE_RE, TOKENIZER_FILE, check_weight_format, config_text,
+                                      config_values, grok_torch_version, is_converted_dir, read_config, shard_metadata)
 from grok_torch.errors import JobInterrupted, deprecated_alias
 
 if TYPE_CHECKING:
@@ -148,9 +148,63 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "
     weight_format = check_weight_format(deprecated_alias("dtype", dtype, "weights", weights, "int8"))
     log = log or (lambda message: None)
     ckpt_dir = resolve_ckpt_dir(src)
+    if resume and not overwrite and is_converted_dir(dst) and not partial_path(Path(dst)).exists():
+        with DestinationLock(Path(dst), "convert"):  # a finished conversion: check it, and keep it if it fits
+            return _already_converted(ckpt_dir, Path(dst), _Plan(ckpt_dir, config, weight_format, tokenizer, log),
+                                      max_shard_size, log)
     with Destination(dst, ckpt_dir, overwrite=overwrite, what="convert", log=log) as target:
         return _convert(ckpt_dir, target, config, weight_format, max_shard_size, progress, chunk_bytes, resume,
                         check_space, log, tokenizer)
+
+
+class _Plan:
+    """What a conversion of `ckpt_dir` to `weight_format` writes, from metadata only: its output tensors (with
+    how to make each from the raw files), the shards' metadata, the tokenizer to copy and config.json."""
+
+    def __init__(self, ckpt_dir: Path, config: "GrokConfig", weight_format: str, tokenizer, log):
+        self.pairs = validate_raw_checkpoint(ckpt_dir, config)
+        self.weight_format = weight_format
+        self.source = str(ckpt_dir.resolve())
+        self.outputs: list[tuple[OutputTensor, TensorFileInfo]] = [
+            (out, info) for entry, info in self.pairs for out in plan_from_info(entry, info, weight_format)]
+        self.metadata = shard_metadata(weight_format, self.source)
+        self.tokenizer = tokenizer_source(ckpt_dir, config, tokenizer, log)
+        tokenizer_info = None
+        if self.tokenizer is not None:
+            tokenizer_info = {"file": TOKENIZER_FILE, "sha256": sha256_of(self.tokenizer),
+                              "source": str(self.tokenizer.resolve())}
+        self.config_values = config_values(config, weight_format, self.source,
+                                           quantized_map(out for out, _ in self.outputs), tokenizer_info)
+        self.config_json = config_text(self.config_values)
+        self.config = config
+
+
+def _already_converted(ckpt_dir: Path, dst: Path, plan: _Plan, max_shard_size: int,
+                       log: Callable[[str], None]) -> ConversionResult:
+    """--resume on a finished conversion: nothing to do if it is exactly this conversion (the same config.json,
+    the same shard plan) and every file matches its recorded sha256; otherwise DestinationError saying why."""
+    from convert.verify import verify_recorded
+
+    tensors = [TensorToWrite(out.name, out.dtype, out.shape, lambda: iter(())) for out, _ in plan.outputs]
+    files = plan_shard_files(tensors, max_shard_size, plan.metadata)
+    stored = read_config(dst).values
+    differ = sorted(key for key in set(stored) | set(plan.config_values) if stored.get(key) != plan.config_values.get(key))
+    if "weight_format" in differ:
+        differ = [key for key in differ if key != "quantized"]  # it follows from the weight format
+    shards = sorted(p.name for p in dst.iterdir() if SHARD_FILE_RE.match(p.name))
+    if not differ and [(n, s) for n, s, _ in files] != [(n, (dst / n).stat().st_size) for n in shards]:
+        differ.append("the shard plan (--max-shard-size)")  # otherwise it follows from what differs
+    if differ:
+        raise DestinationError(f"{dst} is a finished conversion, but not this one (it differs in "
+                               f"{', '.join(differ)}); use --overwrite to convert again, or choose another DST")
+    mismatches, checked = verify_recorded(dst)
+    if mismatches:
+        raise DestinationError(f"{dst} is this conversion, finished, but {len(mismatches)} file(s) fail their recorded "
+                               f"sha256 ({mismatches[0]}); use --overwrite to convert again")
+    log(f"nothing to do: {dst} is already this conversion of {ckpt_dir}, complete, and its {checked} match their "
+        f"recorded sha256")
+    total = sum(t.nbytes for t in tensors)
+    return ConversionResult(dst, plan.weight_format, shards, len(tensors), total, len(shards))
 
 
 def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_format: str, max_shard_size: int,
@@ -158,10 +212,8 @@ def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_f
              tokenizer: str | os.PathLike | None) -> ConversionResult:
     """The conversion, with the destination claimed (locked and checked) by `convert_checkpoint`."""
     dst = target.path
-    pairs = validate_raw_checkpoint(ckpt_dir, config)
-    source = str(ckpt_dir.resolve())
-    outputs: list[tuple[OutputTensor, TensorFileInfo]] = [
-        (out, info) for entry, info in pairs for out in plan_from_info(entry, info, weight_format)]
+    plan = _Plan(ckpt_dir, config, weight_format, tokenizer, log)
+    pairs, source, outputs, metadata = plan.pairs, plan.source, plan.outputs, plan.metadata
     scratch = Scratch()  # every block of every tensor is made in this one buffer
     cache: _LastParam | None = None  # the raw files, read by `chunks_of` while writing
 
@@ -170,13 +222,7 @@ def _convert(ckpt_dir: Path, target: Destination, config: "GrokConfig", weight_f
 
     tensors = [TensorToWrite(out.name, out.dtype, out.shape, chunks_of(out, info)) for out, info in outputs]
     total = sum(t.nbytes for t in tensors)
-    metadata = shard_metadata(weight_format, source)
-    tokenizer_path = tokenizer_source(ckpt_dir, config, tokenizer, log)
-    tokenizer_info = None
-    if tokenizer_path is not None:
-        tokenizer_info = {"file": TOKENIZER_FILE, "sha256": sha256_of(tokenizer_path), "source": str(tokenizer_path.resolve())}
-    config_json = config_text(config_values(config, weight_format, source, quantized_map(out for out, _ in outputs),
-                                            tokenizer_info))
+    tokenizer_path, config_json = plan.tokenizer, plan.config_json
     options = {"source": source, "source_files": _source_fingerprint(pairs), "weight_format": weight_format,
                "max_shard_size": max_shard_size, "grok_config": config.to_dict(),
                "grok_torch_version": grok_torch_version()}

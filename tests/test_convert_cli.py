@@ -168,7 +168,7 @@ def test_debug_shows_the_traceback_and_keeps_the_error_line(tmp_path):
     assert "Traceback" not in plain.output and len(plain.stderr.splitlines()) == 2  # "using config", "error: ..."
     assert "Traceback (most recent call last)" in debug.stderr and "DestinationError" in debug.stderr
     assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1] == (
-        f"error: {tmp_path / 'out'} already exists; use --overwrite (overwrite=True) to replace it")
+        f"error: {tmp_path / 'out'} already exists; use --overwrite to replace it")
 
 
 def test_an_unexpected_error_is_one_line_too(tmp_path, monkeypatch):

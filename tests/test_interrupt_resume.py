@@ -11,6 +11,7 @@ The child processes stop themselves at an exact point through the test-only hook
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -218,3 +219,31 @@ def test_a_partial_output_in_use_or_with_foreign_files_is_refused(src, tmp_path,
     with pytest.raises(DestinationError, match=r"holds files that convert does not write \(notes.txt\)"):
         convert_checkpoint(src, dst, golden_config(), max_shard_size=SHARD, resume=True)
     assert (partial / "notes.txt").read_text() == "mine"
+
+
+def test_resume_of_a_finished_conversion_checks_it_and_does_nothing(src, reference, tmp_path):
+    from click.testing import CliRunner
+
+    from grok_torch.cli import main
+
+    dst = tmp_path / "out"
+    shutil.copytree(reference, dst)
+    before = _files(dst)
+    result = CliRunner().invoke(main, ["convert", str(src), str(dst), "--max-shard-size", str(SHARD), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"nothing to do: {dst} is already this conversion of {src / 'ckpt-0'}, complete, and its 8 shard(s) and " \
+           f"config.json match their recorded sha256" in result.stderr
+    assert "overwrite=True" not in result.output and _files(dst) == before
+    # other options: refused, saying which
+    result = CliRunner().invoke(main, ["convert", str(src), str(dst), "--max-shard-size", str(SHARD), "--resume",
+                                       "--weights", "bf16"])
+    assert result.exit_code == 1 and "is a finished conversion, but not this one (it differs in weight_format)" in result.output
+    result = CliRunner().invoke(main, ["convert", str(src), str(dst), "--resume"])
+    assert result.exit_code == 1 and "the shard plan (--max-shard-size)" in result.output
+    # damaged: refused, naming the file
+    shard = dst / "model-00002-of-00008.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["convert", str(src), str(dst), "--max-shard-size", str(SHARD), "--resume"])
+    assert result.exit_code == 1 and "fail their recorded sha256" in result.output and shard.name in result.output

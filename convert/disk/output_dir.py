@@ -191,7 +191,7 @@ def _check(dst: Path, src: Path | None, overwrite: bool, log: Callable[[str], No
     if not (dst.exists() or dst.is_symlink()):
         return None, False
     if not overwrite:
-        raise DestinationError(f"{dst} already exists; use --overwrite (overwrite=True) to replace it")
+        raise DestinationError(f"{dst} already exists; use --overwrite to replace it")
     if not dst.is_dir() or dst.is_symlink():
         raise DestinationError(f"{dst} exists and is not a directory; refusing to replace it")
     marker = _read_marker(dst)
