@@ -17,6 +17,7 @@ from torch import nn
 from grok_torch.config import GrokConfig
 from grok_torch.converted_dir import WEIGHT_FORMATS, ConvertedDir, LoadError
 from grok_torch.model import COMPUTE_DTYPES, Grok
+from grok_torch.numerics import Numerics
 
 __all__ = ["load", "from_state_dict", "LoadError"]
 
@@ -80,16 +81,18 @@ def _convert_weights(model: Grok, weights: str | None, where: str) -> None:
 
 
 def from_state_dict(state: dict[str, torch.Tensor], config: GrokConfig, *, weights: str | None = None,
-                    dtype: str = "bf16", device: str | torch.device | None = None, where: str = "state dict") -> Grok:
+                    dtype: str = "bf16", numerics: str | Numerics | None = None,
+                    device: str | torch.device | None = None, where: str = "state dict") -> Grok:
     """A Grok model holding exactly the tensors of `state` (assigned, not copied).
 
     weights: None keeps each linear as `state` has it (int8 + scales, or float); "bf16"/"fp32" dequantize
-    the int8 ones with upstream's rounding; "int8" requires them to be int8. `dtype` is the compute dtype.
+    the int8 ones with upstream's rounding; "int8" requires them to be int8. `dtype` is the compute dtype,
+    `numerics` the numerics mode (grok_torch.numerics; "upstream" by default).
     Missing, unexpected or mistyped tensors raise LoadError naming them (`where` says whose they are).
     """
     if weights is not None and weights not in WEIGHT_FORMATS:
         raise LoadError(f"weights must be one of {', '.join(WEIGHT_FORMATS)} or None, got {weights!r}")
-    model = Grok(config, weights="int8", dtype=dtype, device="meta")
+    model = Grok(config, weights="int8", dtype=dtype, numerics=numerics, device="meta")
     _check_state(state, model, where)
     try:
         model.load_state_dict(state, strict=False, assign=True)
@@ -108,12 +111,13 @@ def from_state_dict(state: dict[str, torch.Tensor], config: GrokConfig, *, weigh
 
 
 def load(path: str | os.PathLike, *, weights: str | None = None, dtype: str = "bf16",
-         device: str | torch.device = "cpu", verify: bool = False) -> Grok:
+         numerics: str | Numerics | None = None, device: str | torch.device = "cpu", verify: bool = False) -> Grok:
     """Build a Grok model from a converted directory.
 
     weights: None (the default) keeps what the directory stores: int8 + bf16 scales for an int8
     conversion (weight-only quantized matmuls); "bf16"/"fp32" dequantize them; "int8" requires an int8
-    directory. dtype: the compute dtype, "bf16" or "fp32". The directory is read by ConvertedDir, which
+    directory. dtype: the compute dtype, "bf16" or "fp32". numerics: the numerics mode (grok_torch.numerics;
+    "upstream" by default). The directory is read by ConvertedDir, which
     checks everything but the tensor data before anything is used (a directory that is not a valid
     conversion, a config.json that differs from the sha256 the converter recorded, missing, unexpected or
     mistyped tensors: LoadError naming the file and the tensor or field); verify=True also checks every
@@ -123,5 +127,5 @@ def load(path: str | os.PathLike, *, weights: str | None = None, dtype: str = "b
         raise LoadError(f"weights must be one of {', '.join(WEIGHT_FORMATS)} or None, got {weights!r}")
     directory = ConvertedDir(path, verify=verify)
     state = {name: directory.tensor(name) for name in directory.tensors}
-    return from_state_dict(state, directory.config.config, weights=weights, dtype=dtype, device=device,
+    return from_state_dict(state, directory.config.config, weights=weights, dtype=dtype, numerics=numerics, device=device,
                            where=str(Path(path)))

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from grok_torch.config import GrokConfig
 from grok_torch.linear import Linear, bf16_linear
+from grok_torch.numerics import UPSTREAM, Numerics, resolve
 
 # Upstream masks with a large finite number, not -inf: a query whose keys are all masked (a
 # left-padded row) then attends uniformly instead of producing NaN.
@@ -127,6 +128,7 @@ class Attention(nn.Module):
     def __init__(self, config: GrokConfig, weights: str, device=None):
         super().__init__()
         self.config = config
+        self.numerics = UPSTREAM  # set by Grok
         d, k = config.emb_size, config.key_size
         self.q_proj = Linear(d, config.num_q_heads * k, weights=weights, device=device)
         self.k_proj = Linear(d, config.num_kv_heads * k, weights=weights, device=device)
@@ -172,6 +174,7 @@ class MoE(nn.Module):
     def __init__(self, config: GrokConfig, weights: str, device=None):
         super().__init__()
         self.config = config
+        self.numerics = UPSTREAM  # set by Grok
         d, f, e = config.emb_size, config.ffn_size, config.num_experts
         self.router = Linear(d, e, weights="fp32", device=device)  # routing is fp32 upstream
         self.gate_proj = Linear(d, f, weights=weights, stack=(e,), device=device)  # haiku `linear`
@@ -281,11 +284,13 @@ class Grok(nn.Module):
     the release's format, and the default), "bf16" or "fp32".
     dtype: the compute dtype, "bf16" (upstream's) or "fp32". It is the embedding table's dtype, so
     `model.to(torch.float32)` computes in fp32 from then on.
+    numerics: the numerics mode (grok_torch.numerics), "upstream" by default; `model.numerics = "..."`
+    switches it later without touching a weight.
     device="meta" builds the model without memory (then fill it with grok_torch.load).
     """
 
     def __init__(self, config: GrokConfig, *, weights: str | None = None, dtype: str = "bf16",
-                 device: torch.device | str | None = None):
+                 numerics: str | Numerics | None = None, device: torch.device | str | None = None):
         super().__init__()
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype!r}")
@@ -296,6 +301,21 @@ class Grok(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.emb_size, device=device, dtype=COMPUTE_DTYPES[dtype])
         self.layers = nn.ModuleList(DecoderLayer(config, i, weights, device) for i in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.rms_norm_eps, device)  # language_model/rms_norm
+        self.numerics = resolve(numerics)
+
+    @property
+    def numerics(self) -> Numerics:
+        """The numerics mode every module computes with (set it by name or as a Numerics)."""
+        return self._numerics
+
+    @numerics.setter
+    def numerics(self, value: str | Numerics) -> None:
+        mode = resolve(value)
+        # Plain attributes, not buffers: a mode is how to compute, never part of the state dict.
+        object.__setattr__(self, "_numerics", mode)
+        for module in self.modules():
+            if module is not self and hasattr(module, "numerics"):
+                module.numerics = mode
 
     @property
     def dtype(self) -> torch.dtype:
