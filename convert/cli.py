@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import time
 from pathlib import Path
 
 import click
@@ -172,14 +173,16 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path), required=False)
 @click.option("--config", "config_name", metavar="NAME|JSON",
-              help="Needed only to compare two raw checkpoints (default as for convert); with a converted "
-                   "directory its config.json is used and --config, if given, must agree.")
+              help="Needed only to compare two raw checkpoints (default as for convert); against a converted "
+                   "directory its config.json is used and --config, if given, must agree; refused when both "
+                   "are converted directories.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only on a TTY).")
 @cli_errors
 def verify_cmd(src: Path, dst: Path | None, config_name: str | None, progress: bool | None) -> None:
     """Re-read SRC and DST and check every tensor bit for bit: a raw checkpoint against its conversion
     (int8 exact, bf16/fp32 by upstream's dequantization rule), or two raw checkpoints, or two converted
-    directories. With SRC alone (a converted directory): check every file against the sha256 that the
+    directories (of different weight formats: linear weights compared by value, as the narrower format
+    stores them). A progress bar counts the bytes re-read; the closing line gives the time taken. With SRC alone (a converted directory): check every file against the sha256 that the
     converter recorded in its index. Exit status 3 if anything differs."""
     from convert.verify import verify, verify_recorded
 
@@ -192,15 +195,32 @@ def verify_cmd(src: Path, dst: Path | None, config_name: str | None, progress: b
                             EXIT_MISMATCH)
         click.echo(f"ok: {src}: {checked} match the sha256 recorded at conversion")
         return
+    both_converted = is_converted_dir(src) and is_converted_dir(dst)
+    if both_converted and config_name:
+        raise UserError("--config does not apply when SRC and DST are both converted directories: each one's "
+                        "config.json is used")
     both_raw = not is_converted_dir(src) and not is_converted_dir(dst)
     config, origin = _config_for(src, config_name) if (config_name or both_raw) else (None, "")
+    how = "bit for bit"
+    if both_converted:
+        from convert.verify import converted_formats
+
+        formats = converted_formats(src, dst)
+        if formats[0] != formats[1]:
+            how = "by value"
+            click.echo(f"note: {src} stores {formats[0]} weights and {dst} stores {formats[1]}: linear weights "
+                       f"stored in two formats are compared by value, both rendered as the narrower format "
+                       f"stores them (int8 dequantized by upstream's rule, fp32 rounded once to bf16); the "
+                       f"other tensors bit for bit")
+    started = time.monotonic()
     with _naming_the_config(origin, config):
-        mismatches = verify(src, dst, config)
+        mismatches = verify(src, dst, config, progress=progress)
+    seconds = time.monotonic() - started
     if mismatches:
         for line in mismatches:
             click.echo(line)
         raise UserError(f"{len(mismatches)} mismatch(es) between {src} and {dst}", EXIT_MISMATCH)
-    click.echo(f"ok: every tensor of {dst} matches {src}")
+    click.echo(f"ok: every tensor of {dst} matches {src} ({how}; {seconds:.1f} s)")
 
 
 @click.command("export-upstream")

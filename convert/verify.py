@@ -12,7 +12,9 @@
   and unexpected tensors, and a wrong `quantized` map in config.json, are mismatches too.
 - raw and raw (e.g. an original and its export-upstream round trip): every file's kind, dtypes, shapes and
   data bytes equal (needs the config).
-- converted and converted: the same tensor names, dtypes, shapes and bytes.
+- converted and converted: the same config and tensors, bit for bit; a linear weight the two store in
+  different formats (an int8 and a bf16 conversion) is compared by value, both rendered as the narrower
+  format stores it (int8 dequantized by that format's rule, fp32 rounded once to bf16).
 - one converted directory alone (`verify_recorded`): every shard's and config.json's sha256 against the
   ones the converter recorded in the index.
 
@@ -144,7 +146,8 @@ def _check(expected: _Expected, directory: ConvertedDir, haiku_name: str, chunk_
     return None
 
 
-def _verify_conversion(raw: Path, converted: Path, config: "GrokConfig | None", chunk_bytes: int) -> list[str]:
+def _verify_conversion(raw: Path, converted: Path, config: "GrokConfig | None", chunk_bytes: int,
+                       read: Callable[[int], None]) -> list[str]:
     directory = ConvertedDir(converted)
     stored_config = directory.config.config
     mismatches = []
@@ -159,6 +162,8 @@ def _verify_conversion(raw: Path, converted: Path, config: "GrokConfig | None", 
         for tensor in expected:
             expected_names.add(tensor.name)
             problem = _check(tensor, directory, entry.haiku_name, chunk_bytes)
+            if tensor.name in directory.tensors:
+                read(directory.tensors[tensor.name].nbytes)
             if problem:
                 mismatches.append(problem)
         if entry.quantizable:
@@ -173,7 +178,7 @@ def _verify_conversion(raw: Path, converted: Path, config: "GrokConfig | None", 
     return mismatches
 
 
-def _verify_raw_pair(a: Path, b: Path, config: "GrokConfig") -> list[str]:
+def _verify_raw_pair(a: Path, b: Path, config: "GrokConfig", read: Callable[[int], None]) -> list[str]:
     mismatches = []
     for (entry, info_a), (_, info_b) in zip(validate_raw_checkpoint(a, config), validate_raw_checkpoint(b, config)):
         if info_a.describe() != info_b.describe():
@@ -181,6 +186,7 @@ def _verify_raw_pair(a: Path, b: Path, config: "GrokConfig") -> list[str]:
                               f"{info_a.describe()}")
             continue
         value_a, value_b = read_tensor_file(info_a.path, info_a), read_tensor_file(info_b.path, info_b)
+        read(info_a.path.stat().st_size + info_b.path.stat().st_size)
         pairs = [(value_a.weight, value_b.weight), (value_a.scales, value_b.scales)] if info_a.quantized else \
             [(value_a, value_b)]
         differ = sum(_bit_differences(x, y) for x, y in pairs)
@@ -189,19 +195,100 @@ def _verify_raw_pair(a: Path, b: Path, config: "GrokConfig") -> list[str]:
     return mismatches
 
 
-def _verify_converted_pair(a: Path, b: Path, chunk_bytes: int) -> list[str]:
+def _render_dequantized(weight: np.ndarray, scales: np.ndarray, target: str, exact_product: bool) -> np.ndarray:
+    """torch int8 [..., out, in] x bf16 scales [..., out, G] -> the `target` ("bfloat16"/"float32") values a
+    conversion to that format stores: bf16(int8 x scale) for bf16; for fp32 that rounding widened, or the
+    exact product where upstream computes with it (the MoE down projection)."""
+    *lead, n_out, n_in = weight.shape
+    groups = scales.shape[-1]
+    grouped = weight.astype(np.float32).reshape(*lead, n_out, groups, n_in // groups)
+    product = (grouped * scales.astype(np.float32)[..., None]).reshape(*lead, n_out, n_in)
+    if target == "float32" and exact_product:
+        return product
+    rounded = product.astype(ml_dtypes.bfloat16)
+    return rounded if target == "bfloat16" else rounded.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One tensor of one converted directory, as the model uses it: a float weight, or int8 + its scales."""
+
+    directory: ConvertedDir
+    name: str
+
+    @property
+    def stored(self) -> StoredTensor:
+        return self.directory.tensors[self.name]
+
+    @property
+    def scales(self) -> str | None:
+        name = self.name[: -len("weight")] + "scales" if self.name.endswith(".weight") else None
+        return name if name in self.directory.tensors else None
+
+    def form(self) -> str:
+        return "int8 + bf16 scales" if self.scales else self.stored.dtype
+
+    def value(self, index: tuple, target: str, exact_product: bool) -> np.ndarray:
+        block = self.directory.block(self.name, index)
+        if self.scales:
+            return _render_dequantized(block, self.directory.block(self.scales, index), target, exact_product)
+        return block.astype(numpy_dtype(target))
+
+
+def _by_value(a: _Side, b: _Side, exact_product: bool, chunk_bytes: int, read: Callable[[int], None]) -> str | None:
+    """Compare one weight stored in two formats: both rendered as the narrower float format would store
+    them (int8 dequantized by that format's rule, fp32 rounded once to bf16), then bit for bit."""
+    floats = [side.stored.dtype for side in (a, b) if not side.scales]
+    target = "bfloat16" if "bfloat16" in floats or not floats else "float32"
+    shape = a.stored.shape
+    differ = 0
+    for index in block_indices(shape, 4, chunk_bytes):
+        differ += _bit_differences(a.value(index, target, exact_product), b.value(index, target, exact_product))
+    read(a.stored.nbytes + b.stored.nbytes + sum(s.directory.tensors[s.scales].nbytes for s in (a, b) if s.scales))
+    if differ:
+        return (f"tensor {a.name}: {differ} of {math.prod(shape)} elements differ by value ({a.form()} in "
+                f"{a.directory.path}, {b.form()} in {b.directory.path}, both rendered as "
+                f"{'bf16' if target == 'bfloat16' else 'fp32'})")
+    return None
+
+
+def converted_formats(a: str | os.PathLike, b: str | os.PathLike) -> tuple[str, str]:
+    """The weight formats two converted directories store (as their config.json says)."""
+    return ConvertedDir(a).config.weight_format, ConvertedDir(b).config.weight_format
+
+
+def _verify_converted_pair(a: Path, b: Path, chunk_bytes: int, read: Callable[[int], None]) -> list[str]:
+    """Two converted directories: the same config and tensors. Where one weight is stored in two formats
+    (an int8 and a bf16 conversion, say), it is compared by value, as the narrower format stores it."""
+    from convert.upstream.param_names import checkpoint_layout
+
     dir_a, dir_b = ConvertedDir(a), ConvertedDir(b)
+    config_a, config_b = dir_a.config.config, dir_b.config.config
+    if config_a != config_b:
+        return [f"{b}/config.json: grok_config differs from {a}'s in {'; '.join(config_a.differences(config_b))}"]
+    linears = [e for e in checkpoint_layout(config_a) if e.quantizable]
+    exact_product = {e.torch_name for e in linears if not e.rule.dequant_rounds_to_bf16}
     stored_a, stored_b = dir_a.tensors, dir_b.tensors
-    mismatches = [f"tensor {n}: missing from {b}" for n in sorted(set(stored_a) - set(stored_b))]
-    mismatches += [f"tensor {n}: unexpected in {b}" for n in sorted(set(stored_b) - set(stored_a))]
-    for name in sorted(set(stored_a) & set(stored_b)):
+    # Linear weights stored in two forms are compared by value; their scales belong to that value.
+    cross = {e.torch_name for e in linears if e.torch_name in stored_a and e.torch_name in stored_b
+             and _Side(dir_a, e.torch_name).form() != _Side(dir_b, e.torch_name).form()}
+    owned = {n[: -len("weight")] + "scales" for n in cross}
+    mismatches = [f"tensor {n}: missing from {b}" for n in sorted(set(stored_a) - set(stored_b) - owned)]
+    mismatches += [f"tensor {n}: unexpected in {b}" for n in sorted(set(stored_b) - set(stored_a) - owned)]
+    for name in sorted(set(stored_a) & set(stored_b) - owned):
         ta, tb = stored_a[name], stored_b[name]
+        if name in cross and ta.shape == tb.shape:
+            problem = _by_value(_Side(dir_a, name), _Side(dir_b, name), name in exact_product, chunk_bytes, read)
+            if problem:
+                mismatches.append(problem)
+            continue
         if (ta.dtype, ta.shape) != (tb.dtype, tb.shape):
             mismatches.append(f"tensor {name}: {_describe(tb.dtype, tb.shape)}, expected {_describe(ta.dtype, ta.shape)}")
             continue
         itemsize = numpy_dtype(ta.dtype).itemsize
         differ = sum(_bit_differences(dir_a.block(name, i), dir_b.block(name, i))
                      for i in block_indices(ta.shape, itemsize, chunk_bytes))
+        read(ta.nbytes + tb.nbytes)
         if differ:
             mismatches.append(f"tensor {name}: {differ} elements differ")
     return mismatches
@@ -216,20 +303,36 @@ def _kind(path: Path) -> str:
                      f"(config.json + model.safetensors.index.json)")
 
 
+def _bytes_to_read(path: Path, kind: str, config: "GrokConfig | None") -> int:
+    if kind == "converted":
+        return sum(t.nbytes for t in ConvertedDir(path).tensors.values())
+    return sum(info.path.stat().st_size for _, info in validate_raw_checkpoint(path, config))
+
+
 def verify(src: str | os.PathLike, dst: str | os.PathLike, config: "GrokConfig | None" = None,
-           chunk_bytes: int = CHUNK_BYTES) -> list[str]:
-    """Mismatches between `src` and `dst` (raw/converted in any combination), each naming the tensor."""
+           chunk_bytes: int = CHUNK_BYTES, progress: bool | None = False) -> list[str]:
+    """Mismatches between `src` and `dst` (raw/converted in any combination), each naming the tensor.
+
+    progress: a byte-counting bar on stderr over what is re-read (None: only on a TTY)."""
+    from grok_torch.progress import progress_bar
+
     src, dst = Path(src), Path(dst)
     kinds = (_kind(src), _kind(dst))
-    if kinds == ("raw", "converted"):
-        return _verify_conversion(src, dst, config, chunk_bytes)
-    if kinds == ("converted", "raw"):
-        return _verify_conversion(dst, src, config, chunk_bytes)
-    if kinds == ("converted", "converted"):
-        return _verify_converted_pair(src, dst, chunk_bytes)
-    if config is None:
+    if kinds == ("raw", "raw") and config is None:
         raise ValueError("comparing two raw checkpoints needs their config")
-    return _verify_raw_pair(src, dst, config)
+    # The bar counts the converted side's tensor bytes (raw against converted), or both sides' bytes.
+    if set(kinds) == {"raw", "converted"}:
+        total = _bytes_to_read(src if kinds[0] == "converted" else dst, "converted", None)
+    else:
+        total = _bytes_to_read(src, kinds[0], config) + _bytes_to_read(dst, kinds[1], config)
+    with progress_bar(total, "verify", progress) as bar:
+        if kinds == ("raw", "converted"):
+            return _verify_conversion(src, dst, config, chunk_bytes, bar.update)
+        if kinds == ("converted", "raw"):
+            return _verify_conversion(dst, src, config, chunk_bytes, bar.update)
+        if kinds == ("converted", "converted"):
+            return _verify_converted_pair(src, dst, chunk_bytes, bar.update)
+        return _verify_raw_pair(src, dst, config, bar.update)
 
 
 def verify_recorded(directory: str | os.PathLike, progress: bool | None = None) -> tuple[list[str], str]:

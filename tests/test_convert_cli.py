@@ -133,12 +133,55 @@ def test_convert_checkpoint_dtype_argument_is_deprecated(tmp_path):
         convert_checkpoint(GOLDEN_DIR, tmp_path / "out2", golden_config(), weights="bf16", dtype="fp32")
 
 
-def test_verify_mismatch_exits_3(tmp_path):
-    run("convert", GOLDEN_DIR, tmp_path / "a", "--weights", "bf16")
-    run("convert", GOLDEN_DIR, tmp_path / "b", "--weights", "fp32")
-    result = run("verify", tmp_path / "a", tmp_path / "b")
-    assert_user_error(result, "mismatch(es)", exit_code=3)
-    assert "tensor layers.0.attn.k_proj.weight: float32[128, 64], expected bfloat16[128, 64]" in result.stdout
+def _flip_one_byte(directory, name: str) -> None:
+    from grok_torch.converted_dir import ConvertedDir
+    from support.safetensors_bytes import tensor_byte_range
+
+    target = ConvertedDir(directory).tensors[name]
+    offset, _ = tensor_byte_range(target.file, target.name)
+    with open(target.file, "r+b") as f:
+        f.seek(offset + 7)
+        byte = f.read(1)
+        f.seek(offset + 7)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_verify_two_formats_compares_by_value(tmp_path):
+    """An int8, a bf16 and an fp32 conversion of one checkpoint hold the same weights in three formats:
+    verify says so and compares them by value (it reported 28 mismatches for int8 against bf16 before)."""
+    for fmt in ("int8", "bf16", "fp32"):
+        assert run("convert", GOLDEN_DIR, tmp_path / fmt, "--weights", fmt).exit_code == 0
+    for a, b in (("int8", "bf16"), ("int8", "fp32"), ("fp32", "bf16"), ("bf16", "int8")):
+        result = run("verify", tmp_path / a, tmp_path / b)
+        assert result.exit_code == 0, result.output
+        assert f"stores {a} weights and {tmp_path / b} stores {b}" in result.stdout
+        assert "(by value;" in result.stdout and result.stdout.rstrip().endswith(" s)")
+    same = run("verify", tmp_path / "bf16", tmp_path / "bf16")
+    assert same.exit_code == 0 and "(bit for bit;" in same.stdout and "note:" not in same.stdout
+
+
+def test_verify_by_value_names_a_changed_weight_exit_3(tmp_path):
+    run("convert", GOLDEN_DIR, tmp_path / "int8")
+    run("convert", GOLDEN_DIR, tmp_path / "bf16", "--weights", "bf16")
+    _flip_one_byte(tmp_path / "bf16", "layers.2.moe.down_proj.weight")
+    result = run("verify", tmp_path / "int8", tmp_path / "bf16")
+    assert_user_error(result, "1 mismatch(es)", exit_code=3)
+    assert ("tensor layers.2.moe.down_proj.weight: 1 of 176128 elements differ by value (int8 + bf16 scales in "
+            f"{tmp_path / 'int8'}, bfloat16 in {tmp_path / 'bf16'}, both rendered as bf16)") in result.stdout
+
+
+def test_verify_two_converted_dirs_refuses_config(tmp_path):
+    run("convert", GOLDEN_DIR, tmp_path / "a")
+    result = run("verify", tmp_path / "a", tmp_path / "a", "--config", CONFIG)
+    assert_user_error(result, "--config does not apply when SRC and DST are both converted directories")
+
+
+def test_verify_shows_progress_when_asked(tmp_path):
+    run("convert", GOLDEN_DIR, tmp_path / "a")
+    quiet = run("verify", GOLDEN_DIR, tmp_path / "a")
+    assert quiet.exit_code == 0 and "verify:" not in quiet.stderr
+    shown = run("verify", GOLDEN_DIR, tmp_path / "a", "--progress")
+    assert shown.exit_code == 0 and "verify: 100%" in shown.stderr and "7.01M/7.01M" in shown.stderr
 
 
 @pytest.mark.parametrize("command, text", [(convert_cmd, "--max-shard-size"), (inspect_cmd, "converted directory"),
