@@ -207,7 +207,7 @@ def format_engine_report(report: EngineReport) -> str:
 def deviation_table(reports: list[EngineReport]) -> str:
     """The README's table (markdown): one row per engine preset, end to end."""
     lines = ["| numerics | KL(upstream ‖ engine) | argmax agreement | runner-up | top-5 overlap | experts | "
-             "worst layer (rel RMS of its output) | decision that moves KL most (alone) |",
+             "worst layer, teacher-forced (rel RMS of its output) | decision that moves KL most (alone) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         run = r.runs["end_to_end"]
