@@ -84,7 +84,8 @@ def gated_product(up: Float[Tensor, "tokens ffn"], gate: Float[Tensor, "tokens f
     return hidden.to(dtype).to(torch.float32) if numerics.round_gated_product else hidden
 
 
-def expert_weights(gates: Float[Tensor, "tokens k"], dtype: torch.dtype, numerics: Numerics) -> Float[Tensor, "tokens k"]:
+def expert_weights(gates: Float[Tensor, "tokens k"], dtype: torch.dtype,
+                   numerics: Numerics) -> Float[Tensor, "tokens k"]:
     """The gates that weight the fp32 expert outputs: upstream rounds them to the activation dtype first,
     the engines' fused MoE multiplies its fp32 top-k weights."""
     return gates.to(dtype).to(torch.float32) if numerics.round_gates else gates
