@@ -69,18 +69,23 @@ def scale_normed(normed: Float[Tensor, "*batch dim"], scale: Float[Tensor, "dim"
     return (scale.to(torch.float32) * normed.to(torch.float32)).to(dtype)
 
 
-def expert_activation(x: Float[Tensor, "*batch"], variant: str = "tanh") -> Float[Tensor, "*batch"]:
-    """jax.nn.gelu's default: the tanh approximation, not the exact erf form ("erf": the engines')."""
-    if variant not in ("tanh", "erf"):
-        raise ValueError(f"GELU variant must be tanh or erf, got {variant!r}")
-    return F.gelu(x, approximate="tanh" if variant == "tanh" else "none")
+def expert_activation(x: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch"]:
+    """jax.nn.gelu's default: the tanh approximation, not the exact erf form."""
+    return F.gelu(x, approximate="tanh")
+
+
+def erf_gelu(x: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch"]:
+    """The exact GELU, x * Phi(x): what the engines' fused MoE "gelu" computes (numerics expert_gelu="erf")."""
+    return F.gelu(x, approximate="none")
 
 
 def gated_product(up: Float[Tensor, "tokens ffn"], gate: Float[Tensor, "tokens ffn"], dtype: torch.dtype,
                   numerics: Numerics) -> Float[Tensor, "tokens ffn"]:
     """up * gelu(gate) in fp32, the down projection's input. Upstream keeps it fp32; the engines' fused
     act-and-mul stores it in the activation dtype."""
-    hidden = up * expert_activation(gate, numerics.expert_gelu)
+    if numerics.expert_gelu not in ("tanh", "erf"):
+        raise ValueError(f"expert_gelu must be tanh or erf, got {numerics.expert_gelu!r}")
+    hidden = up * (expert_activation(gate) if numerics.expert_gelu == "tanh" else erf_gelu(gate))
     return hidden.to(dtype).to(torch.float32) if numerics.round_gated_product else hidden
 
 

@@ -9,6 +9,7 @@ grok_torch's own logits in that mode bit for bit (same process, same numerics mo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import importlib.util
 import json
@@ -24,8 +25,8 @@ from click.testing import CliRunner
 import grok_torch
 from grok_torch.cli import main
 from grok_torch.config import GrokConfig
-from grok_torch.model import (apply_multiplier, apply_rope, engine_router_logits, expert_activation, output_head,
-                              scale_normed, select_experts)
+from grok_torch.model import (apply_multiplier, apply_rope, engine_router_logits, erf_gelu, expert_activation,
+                              gated_product, output_head, scale_normed, select_experts)
 from grok_torch.numerics import ENGINE_PRESETS, PRESETS, UPSTREAM, decisions
 from support.checkpoints import random_conversion
 from support.paths import ASSETS, GOLDEN_DIR
@@ -48,11 +49,15 @@ def test_erf_gelu_is_the_exact_form_and_tanh_stays_upstreams():
     x = torch.linspace(-6, 6, 241, dtype=torch.float64)
     erf = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.tolist()]
     tanh = [0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))) for v in x.tolist()]
-    assert np.allclose(expert_activation(x, "erf").numpy(), erf, rtol=0, atol=1e-12)
-    assert np.allclose(expert_activation(x, "tanh").numpy(), tanh, rtol=0, atol=1e-12)
+    assert np.allclose(erf_gelu(x).numpy(), erf, rtol=0, atol=1e-12)
+    assert np.allclose(expert_activation(x).numpy(), tanh, rtol=0, atol=1e-12)
     assert np.max(np.abs(np.subtract(erf, tanh))) > 1e-4  # the two forms are not the same function
+    x, up = x[None], torch.ones_like(x[None])
+    erf_only = dataclasses.replace(UPSTREAM, expert_gelu=PRESETS["vllm"].expert_gelu)
+    assert torch.equal(gated_product(up, x, torch.float64, erf_only), erf_gelu(x))
+    assert torch.equal(gated_product(up, x, torch.float64, UPSTREAM), expert_activation(x))
     with pytest.raises(ValueError, match="tanh or erf"):
-        expert_activation(x, "silu")
+        gated_product(up, x, torch.float64, dataclasses.replace(UPSTREAM, expert_gelu="silu"))
 
 
 def test_renormalised_gates_sum_to_one_and_keep_the_experts():
