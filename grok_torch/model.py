@@ -101,12 +101,17 @@ def soft_cap(logits: Float[Tensor, "*batch"], cap: float) -> Float[Tensor, "*bat
     return cap * torch.tanh(logits / cap)
 
 
-def select_experts(probs: Float[Tensor, "tokens experts"], k: int,
-                   renormalize: bool = False) -> tuple[Float[Tensor, "tokens k"], Int[Tensor, "tokens k"]]:
-    """Top-k experts by router probability; the gates are the raw probabilities (not renormalised,
-    upstream's), or with `renormalize` divided by their sum (older vLLM's FusedMoE default)."""
-    gates, experts = torch.topk(probs, k, dim=-1)
-    return (gates / gates.sum(dim=-1, keepdim=True) if renormalize else gates), experts
+def select_experts(probs: Float[Tensor, "tokens experts"], k: int) -> tuple[Float[Tensor, "tokens k"], Int[Tensor, "tokens k"]]:
+    """Top-k experts by router probability; the gates are the raw probabilities (not renormalised)."""
+    return torch.topk(probs, k, dim=-1)
+
+
+def choose_experts(probs: Float[Tensor, "tokens experts"], k: int,
+                   numerics: Numerics) -> tuple[Float[Tensor, "tokens k"], Int[Tensor, "tokens k"]]:
+    """select_experts, then with `renormalize_gates` the gates divided by their sum (older vLLM's FusedMoE
+    default renormalize=True); the same experts either way."""
+    gates, experts = select_experts(probs, k)
+    return (gates / gates.sum(dim=-1, keepdim=True) if numerics.renormalize_gates else gates), experts
 
 
 def rotate_half(x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
@@ -115,19 +120,35 @@ def rotate_half(x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: Float[Tensor, "batch seq heads head_dim"], offset: int, base: int,
-               in_activation_dtype: bool = False) -> Float[Tensor, "batch seq heads head_dim"]:
+def apply_rope(x: Float[Tensor, "batch seq heads head_dim"], offset: int, base: int) -> Float[Tensor, "batch seq heads head_dim"]:
     """Rotary embedding over the full head dim; phase in fp32, positions offset by the cache step,
-    result rounded once to the input dtype (upstream multiplies the bf16 input by fp32 cos/sin).
-    `in_activation_dtype`: cos/sin rounded to the input dtype and every product and sum rounded (vLLM)."""
+    result rounded once to the input dtype (upstream multiplies the bf16 input by fp32 cos/sin)."""
     head_dim, seq = x.shape[-1], x.shape[1]
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device)
     inv_freq = 1.0 / (base ** (exponents / head_dim))
     positions = torch.arange(seq, dtype=torch.float32, device=x.device) + offset
     phase = torch.outer(positions, inv_freq).repeat(1, 2)[None, :, None, :]  # [1, T, 1, K]
-    if in_activation_dtype:
-        return x * torch.cos(phase).to(x.dtype) + rotate_half(x) * torch.sin(phase).to(x.dtype)
     return (x * torch.cos(phase) + rotate_half(x) * torch.sin(phase)).to(x.dtype)
+
+
+def apply_rope_in_activation_dtype(x: Float[Tensor, "batch seq heads head_dim"], offset: int,
+                                   base: int) -> Float[Tensor, "batch seq heads head_dim"]:
+    """apply_rope as vLLM computes it: the same fp32 phase, but cos/sin tables stored in the input dtype and
+    the rotation x*cos - y*sin done in it, every product and the sum rounded."""
+    head_dim, seq = x.shape[-1], x.shape[1]
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device)
+    inv_freq = 1.0 / (base ** (exponents / head_dim))
+    positions = torch.arange(seq, dtype=torch.float32, device=x.device) + offset
+    phase = torch.outer(positions, inv_freq).repeat(1, 2)[None, :, None, :]  # [1, T, 1, K]
+    return x * torch.cos(phase).to(x.dtype) + rotate_half(x) * torch.sin(phase).to(x.dtype)
+
+
+def rope(x: Float[Tensor, "batch seq heads head_dim"], offset: int, base: int,
+         numerics: Numerics) -> Float[Tensor, "batch seq heads head_dim"]:
+    """RoPE in the numerics mode's precision: upstream's apply_rope, or the engines' (rope_in_activation_dtype)."""
+    if numerics.rope_in_activation_dtype:
+        return apply_rope_in_activation_dtype(x, offset, base)
+    return apply_rope(x, offset, base)
 
 
 @dataclass
@@ -187,10 +208,8 @@ class Attention(nn.Module):
         _put(record, prefix + "k_proj", k)
         _put(record, prefix + "v_proj", v)
         offset = cache.length if cache is not None else 0
-        q = apply_rope(q.view(batch, seq, cfg.num_q_heads, cfg.key_size), offset, cfg.rope_base_exponent,
-                       self.numerics.rope_in_activation_dtype)
-        k = apply_rope(k.view(batch, seq, cfg.num_kv_heads, cfg.key_size), offset, cfg.rope_base_exponent,
-                       self.numerics.rope_in_activation_dtype)
+        q = rope(q.view(batch, seq, cfg.num_q_heads, cfg.key_size), offset, cfg.rope_base_exponent, self.numerics)
+        k = rope(k.view(batch, seq, cfg.num_kv_heads, cfg.key_size), offset, cfg.rope_base_exponent, self.numerics)
         v = v.view(batch, seq, cfg.num_kv_heads, cfg.key_size)
         if cache is not None:
             end = offset + seq
@@ -256,7 +275,7 @@ class MoE(nn.Module):
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         logits, probs = self.route(flat)
-        gates, experts = select_experts(probs, self.config.num_selected_experts, self.numerics.renormalize_gates)
+        gates, experts = choose_experts(probs, self.config.num_selected_experts, self.numerics)
         _put(record, prefix + "router_logits", logits.view(batch, seq, -1))
         _put(record, prefix + "router_probs", probs.view(batch, seq, -1))
         _put(record, prefix + "expert_index", experts.view(batch, seq, -1).to(torch.int32))

@@ -25,8 +25,9 @@ from click.testing import CliRunner
 import grok_torch
 from grok_torch.cli import main
 from grok_torch.config import GrokConfig
-from grok_torch.model import (apply_multiplier, apply_rope, engine_router_logits, erf_gelu, expert_activation,
-                              gated_product, output_head, scale_normed, select_experts)
+from grok_torch.model import (apply_multiplier, apply_rope, apply_rope_in_activation_dtype, choose_experts,
+                              engine_router_logits, erf_gelu, expert_activation, gated_product, output_head,
+                              scale_normed, select_experts)
 from grok_torch.numerics import ENGINE_PRESETS, PRESETS, UPSTREAM, decisions
 from support.checkpoints import random_conversion
 from support.paths import ASSETS, GOLDEN_DIR
@@ -63,12 +64,13 @@ def test_erf_gelu_is_the_exact_form_and_tanh_stays_upstreams():
 def test_renormalised_gates_sum_to_one_and_keep_the_experts():
     probs = torch.softmax(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     raw, experts = select_experts(probs, 2)
-    renormalised, same = select_experts(probs, 2, renormalize=True)
+    renormalised, same = choose_experts(probs, 2, PRESETS["vllm-legacy"])
     top2 = -np.sort(-probs.numpy(), axis=-1)[:, :2]
     assert torch.equal(experts, same)
     assert np.allclose(raw.numpy(), top2, rtol=0, atol=0)
     assert np.allclose(renormalised.numpy(), top2 / top2.sum(-1, keepdims=True), rtol=1e-6, atol=0)
     assert np.allclose(renormalised.sum(-1).numpy(), 1.0, atol=1e-6) and (raw.sum(-1) < 1).all()
+    assert torch.equal(choose_experts(probs, 2, PRESETS["vllm"])[0], raw)  # the export switches it off
 
 
 def test_router_softcap_bounds_and_router_dtypes():
@@ -121,7 +123,7 @@ def test_rmsnorm_scale_orders():
 
 def test_rope_in_the_activation_dtype_rounds_tables_and_products():
     x = torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
-    got = apply_rope(x, 3, 10000, in_activation_dtype=True)
+    got = apply_rope_in_activation_dtype(x, 3, 10000)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
     phase = torch.outer(torch.arange(40, dtype=torch.float32) + 3, inv_freq).repeat(1, 2)[None, :, None, :]
     cos, sin = _bf16(torch.cos(phase).numpy()), _bf16(torch.sin(phase).numpy())
