@@ -49,9 +49,10 @@ UPSTREAM = Numerics(
 # logits capped by router_logit_softcapping (the export writes 0: no cap) and passed to FusedMoE with
 # renormalize = moe_router_renormalize (the export writes false) and activation "gelu", which is the exact
 # erf form (csrc/activation_kernels.cu @00ccbd42, per ENGINES.md); the fused MoE writes gelu(x)*y in bf16
-# (act-and-mul output), multiplies the fp32 top-k weights inside its down-projection GEMM, and runs on the
-# export's bf16 linear_1; LogitsProcessor(scale=output_multiplier_scale) multiplies the bf16 logits of the
-# vocab-parallel lm_head (one GEMM, no per-shard partials) by the Python float. Its RMSNorm kernel
+# (act-and-mul output), multiplies the fp32 top-k weights inside its down-projection GEMM (fused_moe.py's
+# routed-weight multiply; known, not re-read at a commit here), and runs on the export's bf16 linear_1; LogitsProcessor(scale=output_multiplier_scale) multiplies the bf16 logits of the
+# vocab-parallel lm_head (one GEMM, no per-shard partials) by the Python float (`logits *= self.scale`,
+# layers/logits_processor.py, code search, commit not identified). Its RMSNorm kernel
 # (csrc/layernorm_kernels.cu rms_norm_kernel, read by code search, commit not identified) computes
 # (bf16)(x * rsqrt(var + eps)) * weight with a bf16 weight: two roundings. Its RotaryEmbedding
 # (rotary_embedding/base.py, code search, commit not identified) stores cos_sin_cache in the model dtype and
@@ -62,12 +63,15 @@ UPSTREAM = Numerics(
 # ENGINES.md; the index holds only the 2024 grok.py): an fp32 router dot with the fp32 gate, a hard-coded
 # 30 * tanh cap in fp32, softmax and top-k without renormalisation; the same "gelu" (erf) fused MoE; the
 # embedding times the exact float; output_multiplier_scale folded into lm_head's bf16 weights at load (one
-# more rounding, then no multiplier). Its norms run sgl-kernel/flashinfer RMSNorm, float(x) * rms_rcp *
+# more rounding, then no multiplier); its fused MoE weights the experts with the fp32 top-k weights (as vLLM's).
+# Its norms run sgl-kernel/flashinfer RMSNorm (assumed to be RMSNorm.forward_cuda's kernel), float(x) * rms_rcp *
 # float(weight) rounded once with a bf16 weight (flashinfer norm.cuh, code search, commit not identified); its
 # RoPE keeps cos_sin_cache in fp32 on CUDA and rotates in fp32, rounding once (layers/rotary_embedding.py,
 # code search, commit not identified): upstream's.
 # Not modelled (kernel internals, outside these decisions): the attention kernels' unrounded fp32 QK^T and
-# online softmax, the fused MoE's per-expert bf16 outputs and their bf16 sum, GEMM accumulation orders.
+# online softmax, the fused MoE's per-expert bf16 outputs and their bf16 sum, GEMM accumulation orders, and
+# flashinfer's fused add-RMSNorm normalising the unrounded fp32 residual sum (whether SGLang's grok.py uses
+# it was not checked).
 _ENGINE = dict(expert_gelu="erf", round_gates=False, round_gated_product=True, round_down_proj=True,
                embedding_multiplier="exact", head_partial_sums=False, norm_scale_in_activation_dtype=True)
 
