@@ -263,3 +263,14 @@ def test_engine_deviation_script_prints_the_table_and_each_decision(tmp_path):
     summary = json.loads(path.read_text())["engines"]["sglang"]
     assert set(summary["breakdown"]) == {f"{k}={v}" for k, v in decisions(PRESETS["sglang"]).items()}
     assert summary["end_to_end"]["mean_kl"] == pytest.approx(float(cells[1]), rel=1e-2)
+
+
+def test_parity_engine_on_a_converted_directory(exports):
+    converted, _ = exports
+    result = CliRunner().invoke(main, ["parity", "--engine", "sglang", "--checkpoint", str(converted),
+                                       "--seq-len", "8"])
+    assert result.exit_code == 0, result.output
+    assert f"on {converted} (its weights as stored)" in result.output
+    assert re.search(r"end_to_end: KL\(upstream\|\|sglang\) [0-9.e+-]+, argmax agreement", result.output)
+    bad = CliRunner().invoke(main, ["parity", "--engine", "sglang", "--checkpoint", str(converted), "--raw", "."])
+    assert bad.exit_code == 1 and "--raw does not apply with --engine" in bad.stderr
