@@ -7,6 +7,7 @@ import sys
 import click
 
 from grok_torch.errors import UserError, cli_errors
+from grok_torch.numerics import ENGINE_PRESETS
 
 
 def _not_applicable(options: list[str], mode: str, why: str) -> UserError:
@@ -37,13 +38,18 @@ def _not_applicable(options: list[str], mode: str, why: str) -> UserError:
 @click.option("--raw", "raw_dir", type=click.Path(exists=True, file_okay=False),
               help="With --checkpoint: the raw checkpoint it was converted from, for the reference's weights "
                    "[default: the converted tensors themselves].")
+@click.option("--engine", type=click.Choice(list(ENGINE_PRESETS)),
+              help="Instead of a parity check: how far this serving engine's forward (grok_torch in its numerics "
+                   "preset) is from upstream's on the same weights (--golden, --checkpoint or --config), layer by "
+                   "layer, in bf16. A report: exits 0.")
+@click.option("--breakdown", is_flag=True, help="With --engine: also each of its decisions alone (slower).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Draw the per-layer error (log scale) as a PNG.")
 @click.pass_context
 @cli_errors
 def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attention, quantize_moe, golden_dir,
-               checkpoint_dir, raw_dir, json_path, plot_path):
+               checkpoint_dir, raw_dir, engine, breakdown, json_path, plot_path):
     """Run grok_torch and a reference on the same weights and tokens and compare every layer.
 
     Both modes run: end to end, and teacher-forced (each grok_torch layer fed the reference's
@@ -60,6 +66,12 @@ def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attenti
              if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
     given = [{"--config-name": "--config", "--quantize-attention": "--quantize-attention/--plain-attention",
               "--quantize-moe": "--quantize-moe/--plain-moe"}.get(g, g) for g in given]
+    if breakdown and not engine:
+        raise UserError("--breakdown applies only with --engine")
+    if engine:
+        _engine_report(ctx, engine, breakdown, given, config_name, seed, seq_len, weights, golden_dir,
+                       checkpoint_dir, raw_dir, json_path, plot_path)
+        return
     if raw_dir and not checkpoint_dir:
         raise UserError("--raw applies only with --checkpoint CONVERTED_DIR")
     if golden_dir and checkpoint_dir:
@@ -89,3 +101,43 @@ def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attenti
         plot_report(report, plot_path)
         click.echo(f"plot written to {plot_path}")
     sys.exit(0 if report.passed else 1)
+
+
+def _engine_report(ctx, engine, breakdown, given, config_name, seed, seq_len, weights, golden_dir, checkpoint_dir,
+                   raw_dir, json_path, plot_path) -> None:
+    """`parity --engine`: parity.engine_deviation on the golden run, a converted directory or random weights."""
+    import json
+    from pathlib import Path
+
+    from grok_torch.config import GrokConfig
+    from parity.engine_deviation import engine_deviation, format_engine_report, golden_model, random_model
+
+    refused = [g for g in given if g in ("--dtype", "--quantize-attention/--plain-attention",
+                                         "--quantize-moe/--plain-moe")]
+    refused += [name for name, value in (("--raw", raw_dir), ("--plot", plot_path)) if value]
+    if refused:
+        raise _not_applicable(refused, "--engine", "the engines serve Grok-1 in bf16, and the report is a table")
+    if golden_dir and checkpoint_dir:
+        raise UserError("give --golden or --checkpoint, not both")
+    if golden_dir:
+        if given:
+            raise _not_applicable(given, "--golden", "the golden run fixes its config, weights and tokens")
+        model, tokens, label = golden_model(golden_dir)
+    elif checkpoint_dir:
+        fixed = [g for g in given if g in ("--config", "--weights")]
+        if fixed:
+            raise _not_applicable(fixed, "--checkpoint", "the converted directory fixes its config and weights")
+        import grok_torch
+        from parity.harness import parity_tokens
+
+        model = grok_torch.load(checkpoint_dir, dtype="bf16", numerics="upstream")
+        tokens = parity_tokens(model.config, seed=seed, seq_len=min(seq_len, model.config.sequence_len))
+        label = f"{checkpoint_dir} (its weights as stored), tokens {list(tokens.shape)} (seed {seed})"
+    else:
+        model, tokens, label = random_model(GrokConfig.resolve(config_name), seed=seed, seq_len=seq_len,
+                                            weights=weights)
+    report = engine_deviation(model, tokens, engine, label=label, breakdown=breakdown)
+    click.echo(format_engine_report(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        click.echo(f"report written to {json_path}")
