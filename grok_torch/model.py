@@ -134,6 +134,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, config.num_kv_heads * k, weights=weights, device=device)
         self.v_proj = Linear(d, config.num_kv_heads * k, weights=weights, device=device)
         self.o_proj = Linear(config.num_q_heads * k, d, weights=weights, scale_groups=config.model_shards, device=device)
+        self.tp = None  # grok_torch.tp: sums the row-split o_proj's partial outputs over the ranks
 
     def forward(self, x: Float[Tensor, "batch seq dim"], key_valid: Bool[Tensor, "batch seq"],
                 cache: KVCache | None = None, layer: int = 0, record: Record = None,
@@ -165,7 +166,8 @@ class Attention(nn.Module):
         weights = torch.softmax(logits, dim=-1).to(x.dtype)
         context = torch.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, -1)
         _put(record, prefix + "attn_context", context)
-        return self.o_proj(context)
+        out = self.o_proj(context)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MoE(nn.Module):
@@ -182,6 +184,7 @@ class MoE(nn.Module):
         # haiku `linear_1`; upstream keeps its dequantized product exact (see convert.upstream.param_names).
         self.down_proj = Linear(f, d, weights=weights, stack=(e,), scale_groups=config.model_shards,
                                 dequant_rounds_to_bf16=False, device=device)
+        self.tp = None  # grok_torch.tp: sums the row-split experts' fp32 partial outputs over the ranks
 
     def route(self, x: Float[Tensor, "tokens dim"]) -> tuple[Float[Tensor, "tokens experts"], Float[Tensor, "tokens experts"]]:
         """Router logits and softmax probabilities, both fp32. Padding is not masked (upstream's MoE
@@ -217,6 +220,8 @@ class MoE(nn.Module):
                 continue
             contribution = self.expert(index, flat[token]) * gates[token, slot, None]
             out.index_add_(0, token, contribution)
+        if self.tp is not None:
+            out = self.tp.all_reduce(out)
         return out.to(x.dtype).view(batch, seq, dim)
 
 
@@ -302,6 +307,7 @@ class Grok(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, weights, device) for i in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.rms_norm_eps, device)  # language_model/rms_norm
         self.numerics = resolve(numerics)
+        self.tp = None  # grok_torch.tp.TensorParallel of a sharded model: vocab-split embedding and head
 
     @property
     def numerics(self) -> Numerics:
@@ -339,7 +345,7 @@ class Grok(nn.Module):
                    if not name.endswith(".scales"))
 
     def embed(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq dim"]:
-        x = self.embedding(tokens).to(self.dtype)
+        x = self.embedding(tokens).to(self.dtype) if self.tp is None else self.tp.embed(self.embedding, tokens, self.dtype)
         return x * activation_dtype_multiplier(self.config.embedding_multiplier_scale, x)
 
     def head(self, h: Float[Tensor, "batch seq dim"], record: Record = None) -> Float[Tensor, "batch seq vocab"]:
@@ -347,6 +353,8 @@ class Grok(nn.Module):
         h = self.norm(h)
         _put(record, "final_norm", h)
         logits = tied_output_projection(h, self.embedding.weight, self.config.model_shards)
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits)
         return logits * activation_dtype_multiplier(self.config.output_multiplier_scale, logits)
 
     def key_valid(self, tokens: Int[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:
@@ -355,7 +363,8 @@ class Grok(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         device = self.embedding.weight.device
-        return KVCache.empty(self.config, batch, max_len or self.config.sequence_len, self.dtype, device)
+        config = self.config if self.tp is None else self.tp.attention_config  # a rank caches its kv heads
+        return KVCache.empty(config, batch, max_len or self.config.sequence_len, self.dtype, device)
 
     def forward(self, tokens: Int[Tensor, "batch seq"], cache: KVCache | None = None, *,
                 record: Record = None) -> Float[Tensor, "batch seq vocab"]:
