@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import socket
 import traceback
 from dataclasses import dataclass
@@ -113,7 +114,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(index: int, fn: Callable, world: int, port: int, backend: str, timeout_s: float, queue, args) -> None:
+def _worker(index: int, fn: Callable, world: int, port: int, backend: str, timeout_s: float, out_dir: str,
+            args) -> None:
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -127,19 +129,25 @@ def _worker(index: int, fn: Callable, world: int, port: int, backend: str, timeo
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    queue.put(result)
+    # A file, not a pipe: a large result in a pipe would block this process until the parent reads it,
+    # and the parent reads only after every process has ended.
+    with open(os.path.join(out_dir, f"rank{index}.pickle"), "wb") as file:
+        pickle.dump(result, file)
 
 
 def launch(fn: Callable, world: int, *args, backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S) -> list[RankResult]:
     """Run fn(rank, *args) in `world` fresh local processes joined in one process group; every rank's
     RankResult (its return value, or the error it raised), in rank order. `fn` and `args` must be
     picklable (a module-level function)."""
+    import tempfile
+
     import torch.multiprocessing as mp
 
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    port = free_port()
-    mp.start_processes(_worker, args=(fn, world, port, backend, timeout_s, queue, args), nprocs=world,
-                       join=True, start_method="spawn")
-    results = sorted((queue.get() for _ in range(world)), key=lambda r: r.rank)
+    with tempfile.TemporaryDirectory(prefix="grok-torch-ranks-") as out_dir:
+        mp.start_processes(_worker, args=(fn, world, free_port(), backend, timeout_s, out_dir, args), nprocs=world,
+                           join=True, start_method="spawn")
+        results = []
+        for rank in range(world):
+            with open(os.path.join(out_dir, f"rank{rank}.pickle"), "rb") as file:
+                results.append(pickle.load(file))
     return results

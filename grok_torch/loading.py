@@ -234,6 +234,8 @@ def load_rank(path: str | os.PathLike, *, tp: int = 1, weights: str | None = Non
     check_same(json.dumps(config.to_dict(), sort_keys=True), "model config (config.json)")
     target, error = _outcome(lambda: rank_device(device, local_rank))
     agree(error, "choosing the device")
+    if target.type == "cuda":
+        torch.cuda.set_device(target)  # NCCL's collectives run on the current device
     model = Grok(config, weights="int8", dtype=dtype, numerics=numerics, device="meta")
     _stored_formats(model, directory)
     if tp > 1:

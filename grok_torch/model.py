@@ -166,8 +166,7 @@ class Attention(nn.Module):
         weights = torch.softmax(logits, dim=-1).to(x.dtype)
         context = torch.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, -1)
         _put(record, prefix + "attn_context", context)
-        out = self.o_proj(context)
-        return out if self.tp is None else self.tp.all_reduce(out)
+        return self.o_proj(context) if self.tp is None else self.tp.row_parallel(self.o_proj, context)
 
 
 class MoE(nn.Module):
