@@ -96,6 +96,11 @@ def _launch_ranks(tp: int, options: dict) -> None:
     """W local processes in one process group (torch.multiprocessing, env:// rendezvous), each a rank."""
     from grok_torch.distributed import backend_for, launch
 
+    import torch
+
+    if torch.device(options["device"]).type == "cuda" and torch.cuda.device_count() < tp:
+        raise UserError(f"--tp {tp} --device {options['device']}: {tp} ranks need {tp} CUDA devices, this host has "
+                        f"{torch.cuda.device_count()} (use --device cpu, a smaller --tp, or torchrun over several hosts)")
     results = launch(_generate_rank, tp, tp, options, False, backend=backend_for(options["device"]))
     failed = [r for r in results if r.error]
     if failed:  # a rank's agreed error is the same on every rank: say it once

@@ -115,3 +115,16 @@ def test_more_ranks_than_devices_is_refused():
     count = torch.cuda.device_count()
     with pytest.raises(DistributedError, match=f"this host has {count} CUDA device"):
         rank_device("cuda", count)
+
+
+def test_gpu_check_runs_on_the_cpu():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu-check"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--layers", "1", "--weights",
+                           "int8", "--tokens", "2", "--skip-serving"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = [line for line in done.stdout.splitlines() if line.strip().startswith("int8")]
+    assert len(row) == 1 and " pass " in row[0], done.stdout
+    assert "gpu-check passed" in done.stdout
