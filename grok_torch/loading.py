@@ -165,10 +165,11 @@ def _world(tp: int):
 
 
 def _outcome(step):
-    """(value, None) or (None, the one-line error) of step(): a rank's failure, to be agreed on."""
+    """(value, None) or (None, the one-line error) of step(): a rank's failure, to be agreed on (any
+    exception: one that escaped would leave the other ranks waiting in the agreement)."""
     try:
         return step(), None
-    except (LoadError, OSError, ValueError, RuntimeError) as err:
+    except Exception as err:
         return None, str(err)
 
 
