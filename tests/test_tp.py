@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import grok_torch
+from grok_torch import memory_plan
 from grok_torch.config import GrokConfig
 from grok_torch.distributed import DistributedError, launch, rank_device
 from grok_torch.generation import generate
@@ -72,6 +73,8 @@ def test_tensor_parallel_ranks_match_single_process(setup, world):
         assert got["bytes"]["replicated"] == full["replicated"]
         assert got["bytes"]["sharded"] <= full["sharded"] / world * 1.05, (r.rank, got["bytes"], full)
         assert got["cache_kv_heads"] == layout(CONFIG, world, r.rank).kv_heads
+        # The memory plan's weight figure (meta device, no data) is what a loaded rank holds.
+        assert sum(got["bytes"].values()) == memory_plan.plan(CONFIG, tp=world, weights="int8").weight_bytes
         # A shard missing on rank 1, another config on rank 1: every rank fails, naming rank 1.
         assert "rank 1:" in got["missing_shard"] and "model-00001-of-00001" in got["missing_shard"], got
         assert "do not have the same model config" in got["other_config"], got
@@ -128,3 +131,16 @@ def test_gpu_check_runs_on_the_cpu():
     row = [line for line in done.stdout.splitlines() if line.strip().startswith("int8")]
     assert len(row) == 1 and " pass " in row[0], done.stdout
     assert "gpu-check passed" in done.stdout
+
+
+def test_plan_of_grok1_int8_at_w8_by_hand():
+    # One rank of 8, counted by hand: int8 weights with bf16 scales (one scale row per row-split matrix),
+    # the embedding's 1/8 in bf16, fp32 router and norms.
+    d, f, e, k = 6144, 32768, 8, 128
+    q, kv, o = 6 * k * d + 6 * k * 2, k * d + k * 2, d * 6 * k + d * 2
+    experts = 2 * (e * f // 8 * d + e * f // 8 * 2) + e * d * f // 8 + e * d * 2
+    layer = q + 2 * kv + o + experts + e * d * 4 + 4 * d * 4
+    expected = 64 * layer + 131072 // 8 * d * 2 + d * 4
+    got = memory_plan.plan(GrokConfig.from_name("grok-1"), tp=8, weights="int8")
+    assert got.weight_bytes == expected
+    assert got.cache_bytes == 2 * 64 * 8192 * 1 * k * 2 + 8192  # one kv head per rank, bf16, + key_valid
