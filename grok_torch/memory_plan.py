@@ -42,7 +42,8 @@ def parse_bytes(text: str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB"
+    """GiB with one decimal; MiB below 1 GiB (a tiny model's figures would all read 0.0 GiB)."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 @dataclass(frozen=True)
