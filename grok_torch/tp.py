@@ -244,6 +244,8 @@ def shard(model: nn.Module, rank: int, world: int, group=None) -> nn.Module:
     """Shard a built Grok in place for rank `rank` of `world` (any device, the meta device included):
     every split tensor is replaced by its own slice (a copy, so the full tensor can be freed), the
     Linear's sizes follow, and the modules get their communication hooks. Returns the model."""
+    if getattr(model, "tp", None) is not None:
+        raise TPError(f"the model is already sharded (rank {model.tp.layout.rank} of W={model.tp.world})")
     config = model.config
     lay = layout(config, world, rank)
     tp = TensorParallel(config, lay, group)
