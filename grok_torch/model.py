@@ -197,6 +197,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, config.num_kv_heads * k, weights=weights, device=device)
         self.v_proj = Linear(d, config.num_kv_heads * k, weights=weights, device=device)
         self.o_proj = Linear(config.num_q_heads * k, d, weights=weights, scale_groups=config.model_shards, device=device)
+        self.tp = None  # grok_torch.tp: sums the row-split o_proj's partial outputs over the ranks
 
     def forward(self, x: Float[Tensor, "batch seq dim"], key_valid: Bool[Tensor, "batch seq"],
                 cache: KVCache | None = None, layer: int = 0, record: Record = None,
@@ -228,7 +229,7 @@ class Attention(nn.Module):
         weights = torch.softmax(logits, dim=-1).to(x.dtype)
         context = torch.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, -1)
         _put(record, prefix + "attn_context", context)
-        return self.o_proj(context)
+        return self.o_proj(context) if self.tp is None else self.tp.row_parallel(self.o_proj, context)
 
 
 class MoE(nn.Module):
@@ -245,6 +246,7 @@ class MoE(nn.Module):
         # haiku `linear_1`; upstream keeps its dequantized product exact (see convert.upstream.param_names).
         self.down_proj = Linear(f, d, weights=weights, stack=(e,), scale_groups=config.model_shards,
                                 dequant_rounds_to_bf16=False, device=device)
+        self.tp = None  # grok_torch.tp: sums the row-split experts' fp32 partial outputs over the ranks
 
     def route(self, x: Float[Tensor, "tokens dim"]) -> tuple[Float[Tensor, "tokens experts"], Float[Tensor, "tokens experts"]]:
         """Router logits and softmax probabilities, both fp32. Padding is not masked (upstream's MoE
@@ -289,6 +291,8 @@ class MoE(nn.Module):
                 continue
             contribution = self.expert(index, flat[token]) * gates[token, slot, None]
             out.index_add_(0, token, contribution)
+        if self.tp is not None:
+            out = self.tp.all_reduce(out)
         return out.to(x.dtype).view(batch, seq, dim)
 
 
@@ -408,6 +412,7 @@ class Grok(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, weights, device) for i in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.rms_norm_eps, device)  # language_model/rms_norm
         self.numerics = resolve(numerics)
+        self.tp = None  # grok_torch.tp.TensorParallel of a sharded model: vocab-split embedding and head
 
     @property
     def numerics(self) -> Numerics:
@@ -445,14 +450,16 @@ class Grok(nn.Module):
                    if not name.endswith(".scales"))
 
     def embed(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq dim"]:
-        x = self.embedding(tokens).to(self.dtype)
+        x = self.embedding(tokens).to(self.dtype) if self.tp is None else self.tp.embed(self.embedding, tokens, self.dtype)
         return apply_multiplier(x, self.config.embedding_multiplier_scale, self.numerics.embedding_multiplier)
 
     def head(self, h: Float[Tensor, "batch seq dim"], record: Record = None) -> Float[Tensor, "batch seq vocab"]:
         """Final RMSNorm and the tied output projection, times the output multiplier."""
         h = self.norm(h)
         _put(record, "final_norm", h)
-        return output_head(h, self.embedding.weight, self.config, self.numerics)
+        logits = output_head(h, self.embedding.weight, self.config, self.numerics)
+        # Under tensor parallelism each rank holds a slice of the vocabulary: gather the full logits.
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     def key_valid(self, tokens: Int[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:
         """Real tokens; a token <= pad_token is padding and is masked as a key."""
@@ -460,7 +467,8 @@ class Grok(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         device = self.embedding.weight.device
-        return KVCache.empty(self.config, batch, max_len or self.config.sequence_len, self.dtype, device)
+        config = self.config if self.tp is None else self.tp.attention_config  # a rank caches its kv heads
+        return KVCache.empty(config, batch, max_len or self.config.sequence_len, self.dtype, device)
 
     def forward(self, tokens: Int[Tensor, "batch seq"], cache: KVCache | None = None, *,
                 record: Record = None) -> Float[Tensor, "batch seq vocab"]:

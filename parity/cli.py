@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import click
 
@@ -46,10 +47,12 @@ def _not_applicable(options: list[str], mode: str, why: str) -> UserError:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Draw the per-layer error (log scale) as a PNG.")
+@click.option("--tp", type=click.IntRange(min=1), default=None,
+              help="Run grok_torch tensor-parallel over W local processes (gloo, CPU); the reference runs once.")
 @click.pass_context
 @cli_errors
 def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attention, quantize_moe, golden_dir,
-               checkpoint_dir, raw_dir, engine, breakdown, json_path, plot_path):
+               checkpoint_dir, raw_dir, engine, breakdown, json_path, plot_path, tp=None):
     """Run grok_torch and a reference on the same weights and tokens and compare every layer.
 
     Both modes run: end to end, and teacher-forced (each grok_torch layer fed the reference's
@@ -68,6 +71,8 @@ def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attenti
               "--quantize-moe": "--quantize-moe/--plain-moe"}.get(g, g) for g in given]
     if breakdown and not engine:
         raise UserError("--breakdown applies only with --engine")
+    if engine and tp is not None:
+        raise _not_applicable(["--tp"], "--engine", "the deviation report runs in one process")
     if engine:
         _engine_report(ctx, engine, breakdown, given, config_name, seed, seq_len, weights, golden_dir,
                        checkpoint_dir, raw_dir, json_path, plot_path)
@@ -76,6 +81,8 @@ def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attenti
         raise UserError("--raw applies only with --checkpoint CONVERTED_DIR")
     if golden_dir and checkpoint_dir:
         raise UserError("give --golden or --checkpoint, not both")
+    if tp is not None and checkpoint_dir:
+        raise UserError("--tp applies to the random-weights and --golden modes, not to --checkpoint")
     if checkpoint_dir:
         fixed = [g for g in given if g in ("--config", "--weights", "--quantize-attention/--plain-attention",
                                            "--quantize-moe/--plain-moe")]
@@ -85,13 +92,14 @@ def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attenti
     elif golden_dir:
         if given:
             raise _not_applicable(given, "--golden", "the golden run fixes its config, weights, tokens and bf16 compute")
-        report = run_golden(golden_dir)
+        report = run_golden(golden_dir) if tp is None else _tp_runs().run_golden_tp(golden_dir, tp=tp)
     else:  # seeded random weights
         if weights != "int8" and (quantize_attention is not None or quantize_moe is not None):
             raise UserError(f"--quantize-attention/--plain-attention and --quantize-moe/--plain-moe apply only to "
                             f"--weights int8 (with --weights {weights} every linear is a plain {weights} array)")
         config = GrokConfig.resolve(config_name)
-        report = run_parity(config, dtype=dtype, seed=seed, seq_len=seq_len, weights=weights,
+        run = run_parity if tp is None else partial(_tp_runs().run_parity_tp, tp=tp)
+        report = run(config, dtype=dtype, seed=seed, seq_len=seq_len, weights=weights,
                             quantize_attention=quantize_attention is not False, quantize_moe=quantize_moe is not False)
     click.echo(format_report(report))
     if json_path:
@@ -141,3 +149,10 @@ def _engine_report(ctx, engine, breakdown, given, config_name, seed, seq_len, we
     if json_path:
         Path(json_path).write_text(json.dumps(report.to_json(), indent=1) + "\n")
         click.echo(f"report written to {json_path}")
+
+
+def _tp_runs():
+    """parity.harness's tensor-parallel runs (grok_torch over W local gloo processes)."""
+    import parity.harness
+
+    return parity.harness
