@@ -123,7 +123,9 @@ _CONFIG_HELP = ("Preset name (grok-1, golden-12l, tiny, ...) or JSON file with u
 @click.option("--config", "config_name", metavar="NAME|JSON", help=_CONFIG_HELP)
 @click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default="int8", show_default=True,
               help="Stored weight format. int8: keep int8 weights + bf16 scales bit-exact. bf16: dequantize with "
-                   "upstream's rounding. fp32: the dequantized values upstream computes with.")
+                   "upstream's rounding, except the MoE down projections, kept int8 + scales (upstream uses their "
+                   "exact product, which bf16 cannot hold): as faithful as int8. bf16-plain: everything in bf16 "
+                   "(less faithful). fp32: the dequantized values upstream computes with.")
 @click.option("--dtype", "old_dtype", type=click.Choice(WEIGHT_FORMATS), default=None, hidden=True,
               help="Deprecated name of --weights (--dtype is the compute dtype in every other command).")
 @click.option("--tokenizer", type=click.Path(path_type=Path, dir_okay=False), default=None,

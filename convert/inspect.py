@@ -142,6 +142,9 @@ def inspect_converted(path: str | os.PathLike) -> InspectReport:
         else:
             kind = "tensor"
         rows.append(TensorRow(name, kind, tensor.dtype, tensor.shape, tensor.nbytes, tensor.file.name))
+    kept = sum(row.kind == "int8 weight" for row in rows)
+    if weight_format != "int8" and kept:  # bf16: the MoE down projections keep their exact product
+        weight_format += f"; {kept} exact-product linear(s) kept int8 + scales"
     return InspectReport(directory, f"converted ({weight_format})", rows, len({t.file for t in stored.values()}))
 
 

@@ -6,7 +6,10 @@ Output formats (`weight_format`):
   weight `[..., out, in]` under `ParamEntry.torch_name`, scales `[..., out, G]` under `torch_scales_name`.
   A linear weight stored unquantized (a plain bf16/fp32 array) is kept as it is, without scales.
 - `bf16`: linear weights dequantized (`dequantize_torch_layout`, exact in fp32) and rounded once to bf16 -
-  upstream's own `weight.astype(bf16) * scales`, bit for bit; plain float weights are rounded to bf16.
+  upstream's own `weight.astype(bf16) * scales`, bit for bit - except the MoE down projection (`moe/linear_1`),
+  whose exact int8 x scale product upstream computes with: bf16 cannot hold it, so it keeps its int8 weight
+  and bf16 scales as in `int8` (exact, and half the bytes of bf16); plain float weights are rounded to bf16.
+- `bf16-plain`: as `bf16`, the down projection rounded to bf16 too (less faithful: README, Numerics).
 - `fp32`: linear weights dequantized to the values upstream computes with, held in fp32: `bf16(int8 x
   scales)` widened, except the MoE down projection (`moe/linear_1`), whose exact int8 x bf16 products
   upstream feeds to an fp32 matmul (measured on the golden reference); plain float weights widened.
@@ -30,8 +33,9 @@ from convert.upstream.quantized import QuantizedWeight8bit
 from convert.upstream.tensor_file import TensorFileInfo
 from grok_torch.converted_dir import check_weight_format
 from grok_torch.dtypes import numpy_dtype
+from grok_torch.weight_layouts import FLOAT_WEIGHT_DTYPE, keeps_int8
 
-FLOAT_FORMAT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+FLOAT_FORMAT_DTYPES = FLOAT_WEIGHT_DTYPE  # weight format -> dtype of its float linear weights
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def plan_param(entry: ParamEntry, quantized: bool, source_dtype: str, weight_for
     check_weight_format(weight_format)
     if not entry.quantizable:
         return [OutputTensor(entry, entry.torch_name, "array", "copy", source_dtype, entry.torch_shape)]
-    if quantized and weight_format == "int8":
+    if quantized and keeps_int8(weight_format, not entry.rule.dequant_rounds_to_bf16):
         return [OutputTensor(entry, entry.torch_name, "weight", "copy", "int8", entry.torch_shape),
                 OutputTensor(entry, entry.torch_scales_name, "scales", "copy", "bfloat16", entry.torch_scales_shape)]
     if quantized:

@@ -40,13 +40,14 @@ from convert.upstream.raw_checkpoint import is_raw_checkpoint, validate_raw_chec
 from convert.upstream.tensor_file import TensorFileInfo, read_tensor_file
 from grok_torch.converted_dir import ConvertedDir, StoredTensor, is_converted_dir
 from grok_torch.dtypes import numpy_dtype
+from grok_torch.weight_layouts import FLOAT_WEIGHT_DTYPE, keeps_int8
 
 if TYPE_CHECKING:
     from grok_torch.config import GrokConfig
 
 _RULES = {"copy": "the source tensor (bit-exact)", "cast": "the source rounded once to the output dtype",
           "dequantize": "int8 weight x bf16 scales (upstream's dequantization)"}
-_FLOAT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+_FLOAT_DTYPES = FLOAT_WEIGHT_DTYPE
 
 
 def _bit_differences(expected: np.ndarray, actual: np.ndarray) -> int:
@@ -108,13 +109,13 @@ def _expected_tensors(entry: ParamEntry, info: TensorFileInfo, value, weight_for
         return lambda index: _to_torch_block(array[_haiku_index(entry, index)], entry).astype(numpy_dtype(dtype))
 
     if isinstance(value, QuantizedWeight8bit):
-        if weight_format == "int8":
+        if keeps_int8(weight_format, not entry.rule.dequant_rounds_to_bf16):  # bf16 keeps linear_1's int8
             scales_shape = entry.torch_scales_shape
             return [_Expected(entry.torch_name, "int8", torch_shape, "copy", of(value.weight, "int8")),
                     _Expected(entry.torch_scales_name, "bfloat16", scales_shape, "copy", of(value.scales, "bfloat16"))]
         dtype = _FLOAT_DTYPES[weight_format]
         # fp32 holds the values upstream computes with: bf16(int8 x scale), except the exact product that
-        # its MoE down projection uses; bf16 holds bf16(int8 x scale) everywhere.
+        # its MoE down projection uses; bf16 (-plain) holds bf16(int8 x scale).
         exact = weight_format == "fp32" and not entry.rule.dequant_rounds_to_bf16
 
         def dequantized(index: tuple) -> np.ndarray:

@@ -16,11 +16,12 @@ A converted directory holds
       {
         "format": "grok-torch-converted",        # marks a directory grok-torch wrote
         "format_version": 1,
-        "weight_format": "int8" | "bf16" | "fp32",
+        "weight_format": "int8" | "bf16" | "bf16-plain" | "fp32",   # grok_torch.weight_layouts
         "grok_torch_version": "0.1.0",
         "source": "/abs/path/to/ckpt-0",
         "grok_config": {...GrokConfig.to_dict()...},
         "quantized": {"layers.0.attn.q_proj.weight": true, ...},  # every linear weight: int8+scales or not
+                                                   # (bf16: true for the MoE down projections only)
         "tokenizer": {"file": "tokenizer.model", "sha256": "...", "source": "/abs/path"} | null
       }
 
@@ -47,6 +48,7 @@ import numpy as np
 from grok_torch.config import ConfigError, GrokConfig
 from grok_torch.dtypes import SAFETENSORS_CODES, SAFETENSORS_NAMES, dtype_name, numpy_dtype, torch_to_numpy
 from grok_torch.untrusted_files import parse_json, read_json, require_regular_file, type_name
+from grok_torch.weight_layouts import KEEPS_EXACT_PRODUCTS, exact_product_weights, keeps_exact_products
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +60,7 @@ SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"
 SHARD_FILE_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 FORMAT_MARKER = "grok-torch-converted"
 FORMAT_VERSION = 1
-WEIGHT_FORMATS = ("int8", "bf16", "fp32")
+WEIGHT_FORMATS = ("int8", "bf16", "bf16-plain", "fp32")  # grok_torch.weight_layouts says what each holds
 INDEX_SHA256 = "sha256"  # the index metadata's key of {file name: sha256} (every shard and config.json)
 
 
@@ -137,7 +139,8 @@ _CONFIG_FIELDS = (("format_version", int, "an integer"), ("weight_format", str, 
                   ("grok_config", dict, "an object"), ("quantized", dict, "an object"))
 _TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}  # of a tensor's entry in a safetensors header
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_FLOAT_WEIGHT_DTYPES = {"bf16": ("bfloat16",), "fp32": ("float32",)}  # a float linear weight, per weight_format
+_FLOAT_WEIGHT_DTYPES = {"bf16": ("bfloat16",), "bf16-plain": ("bfloat16",), "fp32": ("float32",)}  # a float
+# linear weight, per weight_format
 _OTHER_DTYPES = ("float32", "bfloat16")  # embedding, norms, router: what the model computes with
 
 
@@ -185,9 +188,9 @@ def read_config(directory: str | os.PathLike) -> ConvertedConfig:
     for name, value in quantized.items():
         if not isinstance(value, bool):
             raise _type_error(path, f"quantized[{name!r}]", "true or false", value)
-        if value and values["weight_format"] != "int8":
+        if value and values["weight_format"] not in ("int8", *KEEPS_EXACT_PRODUCTS):
             raise LoadError(f"{path}: quantized[{name!r}] is true in a {values['weight_format']} directory "
-                            f"(only int8 directories store int8 + scales)")
+                            f"(only int8 and bf16 directories store int8 + scales)")
     tokenizer = values.get("tokenizer")  # written since the converter copies the tokenizer: optional
     sha256 = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
     if tokenizer is not None and not (isinstance(sha256, str) and _SHA256_RE.match(sha256)
@@ -257,6 +260,17 @@ def expected_tensors(config: GrokConfig, weight_format: str, quantized: dict[str
         else:
             expected[name] = ExpectedTensor(_OTHER_DTYPES, shape)
     return expected
+
+
+def _check_exact_products_only(path: Path, config: GrokConfig, quantized: dict[str, bool]) -> None:
+    """A bf16 directory keeps int8 + scales for the exact-product linears (the MoE down projections) only."""
+    from grok_torch.model import Grok
+
+    exact = exact_product_weights(Grok(config, weights="int8", device="meta"))
+    wrong = sorted(name for name, value in quantized.items() if value and name not in exact)
+    if wrong:
+        raise LoadError(f"{path}: quantized is true for {_short_list(wrong)} in a bf16 directory, which keeps "
+                        f"int8 + scales only for the MoE down projections")
 
 
 def _weight_of(scales_name: str) -> str:
@@ -408,6 +422,8 @@ class ConvertedDir:
             raise LoadError(f"{self.config.path}: quantized must name every linear weight of the model, exactly; it "
                             f"differs on {_short_list(wrong)}")
         index_path = self.path / INDEX_FILE
+        if keeps_exact_products(self.config.weight_format):
+            _check_exact_products_only(self.config.path, config, quantized)
         for name in sorted(scaled):
             if _scales_of(name) in self.weight_map and not quantized[name]:
                 raise LoadError(f"{index_path}: {name} is stored as int8 + scales, but {CONFIG_FILE}'s quantized map "

@@ -2,8 +2,8 @@
 
 The model is built on the meta device and its tensors are assigned, not copied: from a converted
 directory each is a view of a private memory map of its shard (read through the safetensors library),
-so nothing is read until used, and int8 weights stay int8 unless bf16/fp32 weights are asked for (then
-each linear is dequantized on its own, with upstream's rounding).
+so nothing is read until used, and int8 weights stay int8 unless float weights are asked for (then
+each linear is dequantized on its own, with upstream's rounding; grok_torch.weight_layouts).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from grok_torch.config import GrokConfig
 from grok_torch.converted_dir import WEIGHT_FORMATS, ConvertedDir, LoadError
 from grok_torch.model import COMPUTE_DTYPES, Grok
 from grok_torch.numerics import Numerics
+from grok_torch.weight_layouts import FLOAT_WEIGHT_DTYPE, keeps_int8
 
 __all__ = ["load", "from_state_dict", "load_rank", "LoadError"]
 
@@ -58,22 +59,39 @@ def _check_state(state: dict[str, torch.Tensor], model: Grok, where: str) -> Non
 
 
 def convert_linear_weights(model: nn.Module, weights: str) -> None:
-    """Turn every int8 linear into float weights ("bf16" or "fp32") with upstream's dequantization."""
-    from grok_torch.linear import WEIGHT_DTYPES, Linear
+    """Bring every linear (the router aside) to the float format `weights` (grok_torch.weight_layouts):
+    int8 ones dequantized with upstream's rounding, float ones cast. "bf16" keeps the exact-product linears
+    (the MoE down projections) int8 + scales, since bf16 cannot hold the product upstream uses; a float one
+    cannot become that (LoadError: the int8 values are not stored)."""
+    from grok_torch.linear import Linear
 
-    dtype = WEIGHT_DTYPES[weights]
-    for module in model.modules():
-        if isinstance(module, Linear) and module.quantized:
+    dtype = getattr(torch, FLOAT_WEIGHT_DTYPE[weights])
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or name.endswith(".router"):  # the router is fp32 in every format
+            continue
+        exact = not module.dequant_rounds_to_bf16
+        if keeps_int8(weights, exact) and module.quantized:
+            continue
+        if keeps_int8(weights, exact) and module.weight.dtype == torch.float32:
+            raise LoadError(f"{name}.weight is stored as fp32; \"{weights}\" weights keep that exact int8 x scale "
+                            f"product as int8 + scales, which cannot be recovered from fp32; load with weights="
+                            f"\"fp32\" or \"bf16-plain\"")
+        if module.weight.dtype != dtype or module.quantized:
             dense = module.materialize(dtype)
             module._set_format(dtype)
             module.weight = nn.Parameter(dense, requires_grad=False)
 
 
 def _convert_weights(model: Grok, weights: str | None, where: str) -> None:
-    """Bring the linear layers to `weights`: None keeps what is stored; "bf16"/"fp32" dequantize int8 ones
-    (and cast float ones); "int8" needs int8 to be stored: float weights cannot become int8 here."""
+    """Bring the linear layers to `weights`: None keeps what is stored; "bf16", "bf16-plain", "fp32" dequantize
+    int8 ones (bf16 keeps the MoE down projections int8) and cast float ones; "int8" needs int8 to be stored:
+    float weights cannot become int8 here, nor can bf16-plain become bf16 (its down projections were rounded)."""
     if weights is None or weights == model.weights:
         return
+    if weights == "bf16" and model.weights == "bf16-plain":
+        raise LoadError(f"{where} stores bf16-plain weights, whose MoE down projections were rounded to bf16; the "
+                        f"bf16 format keeps their exact int8 x scale product, which is lost there; load with "
+                        f"weights=None (as stored) or weights=\"bf16-plain\"")
     if weights == "int8":
         raise LoadError(f"{where} stores {model.weights} weights, which cannot be loaded as int8 (grok-torch does not "
                         f"quantize); load with weights=None (as stored) or weights=\"{model.weights}\"")
@@ -85,8 +103,9 @@ def from_state_dict(state: dict[str, torch.Tensor], config: GrokConfig, *, weigh
                     device: str | torch.device | None = None, where: str = "state dict") -> Grok:
     """A Grok model holding exactly the tensors of `state` (assigned, not copied).
 
-    weights: None keeps each linear as `state` has it (int8 + scales, or float); "bf16"/"fp32" dequantize
-    the int8 ones with upstream's rounding; "int8" requires them to be int8. `dtype` is the compute dtype,
+    weights: None keeps each linear as `state` has it (int8 + scales, or float); "bf16", "bf16-plain", "fp32"
+    dequantize the int8 ones with upstream's rounding (grok_torch.weight_layouts: "bf16" keeps the MoE down
+    projections int8 + scales, so it is as faithful as int8); "int8" requires them to be int8. `dtype` is the compute dtype,
     `numerics` the numerics mode (grok_torch.numerics; "upstream" by default).
     Missing, unexpected or mistyped tensors raise LoadError naming them (`where` says whose they are).
     """
@@ -122,7 +141,8 @@ def load(path: str | os.PathLike, *, weights: str | None = None, dtype: str = "b
     """Build a Grok model from a converted directory.
 
     weights: None (the default) keeps what the directory stores: int8 + bf16 scales for an int8
-    conversion (weight-only quantized matmuls); "bf16"/"fp32" dequantize them; "int8" requires an int8
+    conversion (weight-only quantized matmuls); "bf16" (the MoE down projections kept int8 + scales: as
+    faithful as int8), "bf16-plain" (all bf16: less faithful) or "fp32" dequantize them; "int8" requires an int8
     directory. dtype: the compute dtype, "bf16" or "fp32". numerics: the numerics mode (grok_torch.numerics;
     "upstream" by default). The directory is read by ConvertedDir, which
     checks everything but the tensor data before anything is used (a directory that is not a valid

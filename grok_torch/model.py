@@ -438,10 +438,11 @@ class Grok(nn.Module):
 
     @property
     def weights(self) -> str:
-        """How the linear layers store their weights now: "int8", "bf16", "fp32", or "mixed (...)"."""
-        formats = sorted({linear.weight_format for name, linear in self.named_modules()
-                          if isinstance(linear, Linear) and not name.endswith(".router")})  # the router is fp32
-        return formats[0] if len(formats) == 1 else f"mixed ({', '.join(formats)})"
+        """How the linear layers store their weights now (grok_torch.weight_layouts.layout_of): "int8", "bf16"
+        (the MoE down projections int8 + scales), "bf16-plain", "fp32", or "mixed (...)"."""
+        from grok_torch.weight_layouts import layout_of
+
+        return layout_of(self)
 
     def num_weights(self) -> int:
         """Weight elements, int8 ones included (they are buffers, not parameters) and scales not counted:

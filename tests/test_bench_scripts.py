@@ -45,6 +45,53 @@ def test_scripts_have_help():
     for script in ("make_synthetic_checkpoint", "bench"):
         done = run(sys.executable, SCRIPTS / script, "--help")
         assert "usage:" in done.stdout.lower() and "--layers" in done.stdout
+    assert "--forward" in run(sys.executable, SCRIPTS / "bench", "--help").stdout
+
+
+def _tiny_int8_weight_bytes_per_token(c: GrokConfig) -> int:
+    """What one token reads of an int8 model of `c` (counted here by hand): per layer q/k/v (int8 + one bf16 scale
+    per output), o (8 scale groups), 4 fp32 norms, the fp32 router, k experts of gate/up (one scale per output)
+    and down (8 groups); the final norm and the bf16 tied head."""
+    d, f, hd, k = c.emb_size, c.ffn_size, c.key_size, c.num_selected_experts
+    q, kv = c.num_q_heads * hd, c.num_kv_heads * hd
+    attention = (d * q + 2 * q) + 2 * (d * kv + 2 * kv) + (q * d + 2 * d * 8)
+    expert = 2 * (d * f + 2 * f) + (f * d + 2 * d * 8)
+    layer = attention + 4 * 4 * d + 4 * d * c.num_experts + k * expert
+    return c.num_layers * layer + 4 * d + 2 * c.vocab_size * d
+
+
+def test_bench_forward_quick(tmp_path):
+    """--forward --quick: every field, for every weight format and numerics mode, each ratio in (0, 1.5]."""
+    from grok_torch.numerics import PRESETS
+
+    report = tmp_path / "forward.json"
+    done = run(sys.executable, SCRIPTS / "bench", "--forward", "--quick", "--threads", "1", "--json", report)
+    assert "| numerics | weights | prefill tok/s |" in done.stdout and "| target |" in done.stdout
+    forward = json.loads(report.read_text())["forward"]
+    assert forward["threads"] == 1 and forward["numerics_modes"] == list(PRESETS)
+    assert forward["bandwidth"]["bytes_per_s"] > 0
+    tiny = forward["sizes"]["tiny"]
+    assert tiny["gemm_peak"]["flops_per_s"] > 0 and tiny["config"]["emb_size"] == 64
+    runs = {(r["weights"], r["numerics"]): r for r in tiny["runs"]}
+    assert set(runs) == {(w, m) for w in ("int8", "bf16", "bf16-plain") for m in PRESETS}
+    for r in runs.values():
+        for field in ("prefill_tokens_per_s", "decode_b1_tokens_per_s", "decode_b8_tokens_per_s",
+                      "roofline_b1_tokens_per_s", "roofline_b8_tokens_per_s"):
+            assert r[field] > 0, field
+        for ratio in ("prefill_vs_gemm_peak", "decode_b1_vs_roofline", "decode_b8_vs_roofline"):
+            assert 0 < r[ratio] <= 1.5, (ratio, r[ratio])
+        assert r["bytes_per_step_b1"]["experts_read"] == 2 and 2 < r["bytes_per_step_b8"]["experts_read"] <= 4
+    config = GrokConfig.from_name("grok-1", **{k: tiny["config"][k] for k in (
+        "emb_size", "key_size", "num_q_heads", "num_kv_heads", "num_layers", "num_experts", "vocab_size")})
+    read = {w: runs[w, "upstream"]["bytes_per_step_b1"]["weights"] for w in ("int8", "bf16", "bf16-plain")}
+    assert read["int8"] == _tiny_int8_weight_bytes_per_token(config)
+    assert read["int8"] < read["bf16"] < read["bf16-plain"]  # bf16 keeps the down projections int8
+    long = forward["long_prefill"]
+    assert long["tokens"] == 32 and long["weight_bytes"] > 0 and 0 <= long["activation_bytes"] < 1 << 30
+    assert {t["target"] for t in forward["targets"]} >= {"decode b1 >= 60 % of roofline",
+                                                        "prefill >= 50 % of GEMM peak", "int8 >= 1.6x bf16 decode (b1)",
+                                                        "32-token prefill activation <= 2 GB"}
+    assert all(isinstance(t["met"], bool) for t in forward["targets"])
 
 
 def test_synthetic_checkpoint_is_valid_converts_and_verifies(tmp_path):

@@ -44,7 +44,7 @@ def converted(tmp_path_factory, config):
     root = tmp_path_factory.mktemp("converted")
     return {fmt: convert_checkpoint(GOLDEN_DIR, root / fmt, config, weights=fmt,
                                     max_shard_size=parse_size("1MB") if fmt == "int8" else parse_size("5GB")).dst
-            for fmt in ("int8", "bf16", "fp32")}
+            for fmt in ("int8", "bf16", "bf16-plain", "fp32")}
 
 
 def _read_all(directory) -> dict[str, torch.Tensor]:
@@ -80,6 +80,8 @@ def test_every_tensor_is_written_and_readable_by_safetensors(converted, config):
         expected = {e.torch_name for e in layout}
         if fmt == "int8":
             expected |= {e.torch_scales_name for e in layout if e.quantizable}
+        if fmt == "bf16":  # the MoE down projections keep int8 + scales
+            expected |= {e.torch_scales_name for e in layout if e.quantizable and not e.rule.dequant_rounds_to_bf16}
         assert set(tensors) == expected
         for entry in layout:
             assert tuple(tensors[entry.torch_name].shape) == entry.torch_shape
@@ -101,8 +103,8 @@ def test_int8_keeps_weights_and_scales_bit_exact(converted, raw, config):
             assert stored.tobytes() == np.ascontiguousarray(entry.to_torch(value)).tobytes()
 
 
-def test_bf16_equals_upstream_dequantization(converted, raw, config):
-    tensors = _read_all(converted["bf16"])
+def test_bf16_plain_equals_upstream_dequantization(converted, raw, config):
+    tensors = _read_all(converted["bf16-plain"])
     grouped = 0
     for entry in checkpoint_layout(config):
         value = raw[entry.haiku_module][entry.haiku_param]
@@ -116,9 +118,28 @@ def test_bf16_equals_upstream_dequantization(converted, raw, config):
     assert grouped == 2 * config.num_layers  # attention `linear` and moe `linear_1` have G = 8
 
 
+def test_bf16_is_bf16_plain_except_the_down_projections_kept_int8(converted, config):
+    """bf16 = bf16-plain's bytes for every tensor but the MoE down projections, which hold the int8 weight and
+    bf16 scales of the int8 conversion bit for bit (upstream uses their exact product; bf16 would round it);
+    config.json's quantized map says so."""
+    bf16, plain, int8 = (_read_all(converted[f]) for f in ("bf16", "bf16-plain", "int8"))
+    quantized = json.loads((converted["bf16"] / "config.json").read_text())["quantized"]
+    kept = 0
+    for entry in checkpoint_layout(config):
+        if entry.quantizable and not entry.rule.dequant_rounds_to_bf16:
+            kept += 1
+            for name in (entry.torch_name, entry.torch_scales_name):
+                assert _as_numpy(bf16[name]).tobytes() == _as_numpy(int8[name]).tobytes(), name
+            assert bf16[entry.torch_name].dtype == torch.int8 and quantized[entry.torch_name] is True
+        else:
+            assert _as_numpy(bf16[entry.torch_name]).tobytes() == _as_numpy(plain[entry.torch_name]).tobytes()
+            assert quantized.get(entry.torch_name, False) is False
+    assert kept == config.num_layers
+
+
 def test_fp32_holds_the_weights_upstream_computes_with(converted, raw, config):
     """fp32 = bf16(int8 x scales) widened, except the MoE down projection: the exact product."""
-    fp32, bf16 = _read_all(converted["fp32"]), _read_all(converted["bf16"])
+    fp32, bf16 = _read_all(converted["fp32"]), _read_all(converted["bf16-plain"])
     exact_kept = 0
     for entry in checkpoint_layout(config):
         a, b = _as_numpy(fp32[entry.torch_name]), _as_numpy(bf16[entry.torch_name])
@@ -160,8 +181,12 @@ def test_convert_param_names_dtypes_shapes(raw, config):
         "layers.0.moe.down_proj.weight": (np.dtype(np.int8), (8, 64, 344)),
         "layers.0.moe.down_proj.scales": (np.dtype(BF16), (8, 64, 8))}
     assert all(v.flags.c_contiguous for v in int8.values())
-    bf16 = convert_param(entry, value, "bf16")
+    bf16 = convert_param(entry, value, "bf16-plain")
     assert list(bf16) == ["layers.0.moe.down_proj.weight"] and bf16["layers.0.moe.down_proj.weight"].dtype == BF16
+    kept = convert_param(entry, value, "bf16")  # the exact product is kept as int8 + scales
+    assert {k: v.tobytes() for k, v in kept.items()} == {k: v.tobytes() for k, v in int8.items()}
+    up = layout["transformer/decoder_layer_0/moe/linear_v/w"]
+    assert [v.dtype for v in convert_param(up, raw[up.haiku_module]["w"], "bf16").values()] == [BF16]
     norm = layout["language_model/rms_norm/scale"]
     assert convert_param(norm, raw["language_model/rms_norm"]["scale"], "bf16")["norm.weight"].dtype == np.float32
     with pytest.raises(ValueError, match="unknown weight format"):
@@ -173,7 +198,7 @@ def test_blockwise_rendering_matches_whole_tensors(raw, config):
         value = raw[entry.haiku_module][entry.haiku_param]
         quantized = isinstance(value, QuantizedWeight8bit)
         dtype = (value.weight if quantized else value).dtype.name
-        for fmt in ("int8", "bf16"):
+        for fmt in ("int8", "bf16", "bf16-plain"):
             for out in plan_param(entry, quantized, dtype, fmt):
                 whole = out.render(value)
                 pieces = b"".join(chunk.tobytes() for chunk in out.chunks(value, chunk_bytes=1000))
@@ -373,7 +398,7 @@ def test_verify_catches_a_bug_in_the_converters_own_rendering(tmp_path, config, 
         return (w * scales.astype(np.float32)[..., None, :]).reshape(*lead, out_features, in_features)
 
     monkeypatch.setattr(convert.plan, "dequantize_torch_layout", interleaved)
-    directory = convert_checkpoint(GOLDEN_DIR, tmp_path / "bad", config, weights="bf16").dst
+    directory = convert_checkpoint(GOLDEN_DIR, tmp_path / "bad", config, weights="bf16-plain").dst
     mismatches = verify(GOLDEN_DIR, directory)
     wrong = sorted({m.split(":")[0].split(".", 2)[-1] for m in mismatches})
     assert wrong == ["attn.o_proj.weight", "moe.down_proj.weight"], mismatches[:3]  # the grouped-scale ones
@@ -411,8 +436,12 @@ def test_inspect_both_formats_without_reading_data(converted, config):
     assert raw_report.total_bytes == int8_report.total_bytes == 7_353_600
     assert raw_report.weight_elements == int8_report.weight_elements == config.num_parameters()
     assert raw_report.bytes_by_dtype() == int8_report.bytes_by_dtype()
-    assert inspect(converted["bf16"]).bytes_by_dtype()["bfloat16"] == 2 * config.num_parameters() - 2 * (
+    assert inspect(converted["bf16-plain"]).bytes_by_dtype()["bfloat16"] == 2 * config.num_parameters() - 2 * (
         config.vocab_size * config.emb_size + config.emb_size * (1 + 4 * config.num_layers)
         + config.num_layers * config.emb_size * config.num_experts)
+    bf16 = inspect(converted["bf16"])
+    down = config.num_layers * config.num_experts * config.emb_size * config.ffn_size
+    assert bf16.bytes_by_dtype()["int8"] == down  # the down projections, as in int8
+    assert bf16.format == f"converted (bf16; {config.num_layers} exact-product linear(s) kept int8 + scales)"
     text = int8_report.to_text()
     assert "layers.0.moe.down_proj.scales" in text and "total: 230 tensors" in text

@@ -58,7 +58,7 @@ def test_convert_inspect_verify_export_round_trip(tmp_path):
 
 
 def test_config_json_in_src_is_used_by_default(tmp_path):
-    result = run("convert", GOLDEN_DIR, tmp_path / "bf16", "--weights", "bf16")
+    result = run("convert", GOLDEN_DIR, tmp_path / "bf16", "--weights", "bf16-plain")
     assert result.exit_code == 0, result.output
     assert f"using config {GOLDEN_DIR / 'config.json'}" in result.stderr
     result = run("export-upstream", tmp_path / "bf16", tmp_path / "back")
@@ -147,11 +147,12 @@ def _flip_one_byte(directory, name: str) -> None:
 
 
 def test_verify_two_formats_compares_by_value(tmp_path):
-    """An int8, a bf16 and an fp32 conversion of one checkpoint hold the same weights in three formats:
-    verify says so and compares them by value (it reported 28 mismatches for int8 against bf16 before)."""
-    for fmt in ("int8", "bf16", "fp32"):
+    """An int8, a bf16, a bf16-plain and an fp32 conversion of one checkpoint hold the same weights in four
+    formats: verify says so and compares them by value (it reported 28 mismatches for int8 against bf16 before)."""
+    for fmt in ("int8", "bf16", "bf16-plain", "fp32"):
         assert run("convert", GOLDEN_DIR, tmp_path / fmt, "--weights", fmt).exit_code == 0
-    for a, b in (("int8", "bf16"), ("int8", "fp32"), ("fp32", "bf16"), ("bf16", "int8")):
+    for a, b in (("int8", "bf16"), ("int8", "fp32"), ("fp32", "bf16"), ("bf16", "int8"), ("int8", "bf16-plain"),
+                 ("bf16", "bf16-plain"), ("fp32", "bf16-plain")):
         result = run("verify", tmp_path / a, tmp_path / b)
         assert result.exit_code == 0, result.output
         assert f"stores {a} weights and {tmp_path / b} stores {b}" in result.stdout
@@ -162,7 +163,7 @@ def test_verify_two_formats_compares_by_value(tmp_path):
 
 def test_verify_by_value_names_a_changed_weight_exit_3(tmp_path):
     run("convert", GOLDEN_DIR, tmp_path / "int8")
-    run("convert", GOLDEN_DIR, tmp_path / "bf16", "--weights", "bf16")
+    run("convert", GOLDEN_DIR, tmp_path / "bf16", "--weights", "bf16-plain")
     _flip_one_byte(tmp_path / "bf16", "layers.2.moe.down_proj.weight")
     result = run("verify", tmp_path / "int8", tmp_path / "bf16")
     assert_user_error(result, "1 mismatch(es)", exit_code=3)

@@ -87,13 +87,27 @@ def test_exported_pickles_load_under_upstreams_class(tmp_path, int8_dir, upstrea
 
 def test_float_directories_export_plain_arrays(tmp_path):
     config = golden_config()
-    bf16_dir = convert_checkpoint(GOLDEN_DIR, tmp_path / "bf16", config, weights="bf16").dst
+    bf16_dir = convert_checkpoint(GOLDEN_DIR, tmp_path / "bf16", config, weights="bf16-plain").dst
     result = export_upstream(bf16_dir, tmp_path / "export")
     assert (result.quantized, result.plain_linear) == (0, 7 * config.num_layers)
     pairs = validate_raw_checkpoint(tmp_path / "export", config)  # plain bf16 linears are a valid checkpoint
     assert {info.dtype for entry, info in pairs if entry.quantizable} == {"bfloat16"}
     assert {info.dtype for entry, info in pairs if not entry.quantizable} == {"float32"}
-    # Converting the export again in bf16 reproduces the bf16 directory bit for bit.
+    # Converting the export again in bf16-plain reproduces the bf16-plain directory bit for bit.
+    convert_checkpoint(tmp_path / "export", tmp_path / "again", config, weights="bf16-plain")
+    assert verify(bf16_dir, tmp_path / "again") == []
+
+
+def test_a_bf16_directory_exports_its_down_projections_quantized(tmp_path):
+    """bf16 keeps the MoE down projections int8 + scales: they export as QuantizedWeight8bit, the other
+    linears as bf16 arrays, and converting that export to bf16 again gives the same directory."""
+    config = golden_config()
+    bf16_dir = convert_checkpoint(GOLDEN_DIR, tmp_path / "bf16", config, weights="bf16").dst
+    result = export_upstream(bf16_dir, tmp_path / "export")
+    assert (result.quantized, result.plain_linear) == (config.num_layers, 6 * config.num_layers)
+    pairs = validate_raw_checkpoint(tmp_path / "export", config)
+    assert {entry.haiku_module.rsplit("/", 2)[-2:] == ["moe", "linear_1"] for entry, info in pairs
+            if info.quantized} == {True}
     convert_checkpoint(tmp_path / "export", tmp_path / "again", config, weights="bf16")
     assert verify(bf16_dir, tmp_path / "again") == []
 

@@ -7,8 +7,8 @@ checkpoint code writes them (protocol 4, see convert.upstream.pickle_writer):
 - a linear weight that has scales (int8 `[..., out, in]` + bf16 `[..., out, G]`) becomes a pickled
   `__main__.QuantizedWeight8bit(weight=int8 [..., in, out], scales=bf16 [..., G, out])`; from an int8
   directory converted from the official checkpoint the files are byte-identical to the original ones;
-- a linear weight without scales (a bf16/fp32 directory, or a float state dict) becomes a plain bf16/fp32
-  array `[..., in, out]`. Upstream's code loads these, but its MoE only runs quantized experts (with plain
+- a linear weight without scales (a bf16-plain/fp32 directory, a bf16 one except its MoE down projections,
+  or a float state dict) becomes a plain bf16/fp32 array `[..., in, out]`. Upstream's code loads these, but its MoE only runs quantized experts (with plain
   expert weights it returns its input), so only an int8 export reproduces upstream's model;
 - embeddings, norms and the router become fp32 arrays (bf16 input is widened, exactly).
 
