@@ -39,12 +39,18 @@ class _FiniteFloat(click.FloatRange):
                    "(weight-only quantized matmuls, needs an int8 conversion), bf16/fp32 dequantize them.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="Compute dtype (bf16 is upstream's).")
+@click.option("--numerics", type=click.Choice(["fast", "upstream"]), default="fast", show_default=True,
+              help="Numerics mode: fast (native bf16 GEMMs, int8 weight-only kernels; README: Fidelity, measured) "
+                   "or upstream (every cast as upstream's JAX forward, bit-exact to it on the CPU).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads torch computes with [default: one per physical core this process may use].")
 @click.option("--truncate", is_flag=True,
               help="Left-truncate prompts too long for the model's sequence_len instead of refusing them.")
 @click.pass_context
 @cli_errors
 def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, tokenizer_path: Path | None, weights: str, dtype: str, truncate: bool) -> None:
+                 seed: int, tokenizer_path: Path | None, weights: str, dtype: str, numerics: str, threads: int | None,
+                 truncate: bool) -> None:
     """Continue each --prompt with the model in the converted directory PATH.
 
     One prompt streams its continuation as it is produced; several print each row, labelled, as it
@@ -63,7 +69,7 @@ def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_n
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (expected a converted grok-torch directory)")
     tokenizer = Tokenizer(find_tokenizer(tokenizer_path, path)[0])
-    model = grok_torch.load(path, weights=weights, dtype=dtype)
+    model = grok_torch.load(path, weights=weights, dtype=dtype, numerics=numerics, threads=threads)
     tokenizer.check_model_vocab(model.config.vocab_size)
 
     encoded = [tokenizer.encode(text) for text in prompts]

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int8, BFloat16
 from torch import Tensor, nn
 
+from grok_torch import kernels
+from grok_torch.numerics import UPSTREAM
+
 WEIGHT_DTYPES = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -51,6 +54,7 @@ class Linear(nn.Module):
                  scale_groups: int = 1, dequant_rounds_to_bf16: bool = True,
                  device: torch.device | str | None = None):
         super().__init__()
+        self.numerics = UPSTREAM  # set by Grok (a plain attribute: how to compute, not state)
         self.dequant_rounds_to_bf16 = dequant_rounds_to_bf16
         if weights not in WEIGHT_DTYPES:
             raise ValueError(f"weights must be one of {sorted(WEIGHT_DTYPES)}, got {weights!r}")
@@ -128,6 +132,13 @@ class Linear(nn.Module):
         return dequantize(weight, scales, self.dequant_rounds_to_bf16).to(dtype)
 
     def forward(self, x: Float[Tensor, "*batch inp"], index: int | None = None) -> Float[Tensor, "*batch out"]:
+        mode = self.numerics
+        if self.quantized and mode.int8_matmul == "kernel" and (index is not None or self.weight.dim() == 2):
+            weight = self.weight if index is None else self.weight[index]
+            scales = self.scales if index is None else self.scales[index]
+            return kernels.int8_linear(x, weight, scales, self.dequant_rounds_to_bf16)
+        if mode.native_bf16_gemm:
+            return kernels.linear(x, self.materialize(x.dtype, index), native_bf16=True)
         return bf16_linear(x, self.materialize(x.dtype, index))
 
     def extra_repr(self) -> str:

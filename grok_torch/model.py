@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from grok_torch import kernels
 from grok_torch.config import GrokConfig
 from grok_torch.linear import Linear, bf16_linear
 from grok_torch.numerics import UPSTREAM, Numerics, resolve
@@ -154,16 +155,12 @@ class Attention(nn.Module):
             cache.values[layer][:, offset:end] = v
             k, v = cache.keys[layer][:, :end], cache.values[layer][:, :end]
             key_valid = cache.key_valid[:, :end]
-        mask = attention_mask(key_valid, seq, offset)  # [B, T, S]
-
-        # Query head j shares kv head j // (num_q_heads / num_kv_heads).
+        # Query head j shares kv head j // (num_q_heads / num_kv_heads). QK^T in x.dtype, then fp32 logits
+        # times the multiplier, soft-capped, masked (attention_mask's rule), softmax: over query blocks,
+        # so no [B, H, T, S] fp32 logits exist at once (grok_torch.kernels.attention; each row unchanged).
         q = q.view(batch, seq, cfg.num_kv_heads, cfg.q_heads_per_kv_head, cfg.key_size)
-        logits = torch.einsum("btkgd,bskd->bkgts", q, k).to(torch.float32)  # QK^T in x.dtype, then fp32
-        logits = logits * cfg.attn_output_multiplier
-        logits = soft_cap(logits, cfg.attn_logit_softcap)
-        logits = logits.masked_fill(~mask[:, None, None], MASK_VALUE)
-        weights = torch.softmax(logits, dim=-1).to(x.dtype)
-        context = torch.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, -1)
+        context = kernels.attention(q, k, v, key_valid, offset, cfg.attn_output_multiplier, cfg.attn_logit_softcap,
+                                    MASK_VALUE).reshape(batch, seq, -1)
         _put(record, prefix + "attn_context", context)
         return self.o_proj(context)
 
@@ -192,7 +189,10 @@ class MoE(nn.Module):
     def expert(self, index: int, x: Float[Tensor, "tokens dim"]) -> Float[Tensor, "tokens dim"]:
         """linear_1(gelu(x @ linear) * (x @ linear_v)) for one expert, in upstream's precision: the two
         input projections in the activation dtype, then gelu, the product and the down projection
-        in fp32 (upstream's one-hot expert selection promotes them), returned in fp32."""
+        in fp32 (upstream's one-hot expert selection promotes them), returned in fp32. With the numerics'
+        expert_hidden_dtype "activation", all of it in the activation dtype (returned in it)."""
+        if self.numerics.expert_hidden_dtype == "activation":
+            return self.down_proj(self.up_proj(x, index) * expert_activation(self.gate_proj(x, index)), index)
         gate = self.gate_proj(x, index).to(torch.float32)
         up = self.up_proj(x, index).to(torch.float32)
         hidden = up * expert_activation(gate)
@@ -211,13 +211,28 @@ class MoE(nn.Module):
         # Upstream rounds the gates to the activation dtype before weighting the fp32 expert outputs.
         gates = gates.to(x.dtype).to(torch.float32)
         out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
-        for index in range(self.config.num_experts):
-            token, slot = torch.nonzero(experts == index, as_tuple=True)
-            if token.numel() == 0:
-                continue
-            contribution = self.expert(index, flat[token]) * gates[token, slot, None]
-            out.index_add_(0, token, contribution)
+        token, contributions = self.dispatch(flat, experts, gates)
+        out.index_add_(0, token, contributions)
         return out.to(x.dtype).view(batch, seq, dim)
+
+    def dispatch(self, flat: Float[Tensor, "tokens dim"], experts: Int[Tensor, "tokens k"],
+                 gates: Float[Tensor, "tokens k"]) -> tuple[Int[Tensor, "pairs"], Float[Tensor, "pairs dim"]]:
+        """Every (token, chosen expert) pair's gated expert output (fp32), with its token: the pairs sorted
+        by expert once (stable: within an expert in token order, as a per-expert scan finds them), one
+        gather of the inputs, and each expert run on its contiguous slice."""
+        k = experts.shape[-1]
+        order = torch.argsort(experts.reshape(-1), stable=True)
+        token, slot = order // k, order % k
+        counts = torch.bincount(experts.reshape(-1), minlength=self.config.num_experts).tolist()
+        inputs, weights = flat[token], gates[token, slot, None]
+        contributions = torch.empty((token.numel(), flat.shape[-1]), dtype=torch.float32, device=flat.device)
+        start = 0
+        for index, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                torch.mul(self.expert(index, inputs[rows]).to(torch.float32), weights[rows], out=contributions[rows])
+                start += count
+        return token, contributions
 
 
 class DecoderLayer(nn.Module):
@@ -284,7 +299,8 @@ class Grok(nn.Module):
     the release's format, and the default), "bf16" or "fp32".
     dtype: the compute dtype, "bf16" (upstream's) or "fp32". It is the embedding table's dtype, so
     `model.to(torch.float32)` computes in fp32 from then on.
-    numerics: the numerics mode (grok_torch.numerics), "upstream" by default; `model.numerics = "..."`
+    numerics: the numerics mode (grok_torch.numerics), "fast" by default ("upstream": upstream's bits);
+    `model.numerics = "..."`
     switches it later without touching a weight.
     device="meta" builds the model without memory (then fill it with grok_torch.load).
     """
@@ -346,7 +362,10 @@ class Grok(nn.Module):
         """Final RMSNorm and the tied output projection, times the output multiplier."""
         h = self.norm(h)
         _put(record, "final_norm", h)
-        logits = tied_output_projection(h, self.embedding.weight, self.config.model_shards)
+        if self.numerics.native_bf16_gemm:  # one native GEMM, no fp32 copy of the table
+            logits = kernels.linear(h, self.embedding.weight, native_bf16=True)
+        else:
+            logits = tied_output_projection(h, self.embedding.weight, self.config.model_shards)
         return logits * activation_dtype_multiplier(self.config.output_multiplier_scale, logits)
 
     def key_valid(self, tokens: Int[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:

@@ -40,10 +40,12 @@ def _not_applicable(options: list[str], mode: str, why: str) -> UserError:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Draw the per-layer error (log scale) as a PNG.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads torch computes with [default: one per physical core this process may use].")
 @click.pass_context
 @cli_errors
 def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attention, quantize_moe, golden_dir,
-               checkpoint_dir, raw_dir, json_path, plot_path):
+               checkpoint_dir, raw_dir, json_path, plot_path, threads):
     """Run grok_torch and a reference on the same weights and tokens and compare every layer.
 
     Both modes run: end to end, and teacher-forced (each grok_torch layer fed the reference's
@@ -54,6 +56,9 @@ def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attenti
     from grok_torch.config import GrokConfig
     from parity.harness import run_checkpoint, run_golden, run_parity
     from parity.report import format_report, plot_report, write_json
+    from grok_torch.threads import set_threads
+
+    set_threads(threads)
 
     given = [f"--{name.replace('_', '-')}" for name in ("config_name", "dtype", "seed", "seq_len", "weights",
                                                          "quantize_attention", "quantize_moe")

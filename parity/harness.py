@@ -217,7 +217,7 @@ def run_parity(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, weight
     _, ref = reference_forward(params, tokens, config, fprop_dtype=dtype, capture=True)
     timings["reference_s"] = time.perf_counter() - start
     if model is None:
-        model = from_state_dict(haiku_tree_to_state_dict(params, config), config, dtype=dtype)
+        model = from_state_dict(haiku_tree_to_state_dict(params, config), config, dtype=dtype, numerics="upstream")
     else:
         _check_model(model, config, dtype, "parity")
     if model_hook is not None:
@@ -242,7 +242,7 @@ def run_checkpoint(converted_dir: str | Path, *, raw_dir: str | Path | None = No
 
     directory = ConvertedDir(converted_dir)
     config = directory.config.config
-    model = grok_torch.load(converted_dir, dtype=dtype)
+    model = grok_torch.load(converted_dir, dtype=dtype, numerics="upstream")
     if raw_dir is not None:
         params, label = read_raw_checkpoint(raw_dir, config), f"haiku reference on {raw_dir}"
     else:
@@ -280,7 +280,7 @@ def run_golden(golden_dir: str | Path, *, state: dict[str, torch.Tensor] | None 
     """
     config, golden_state, tokens, ref = load_golden(golden_dir)
     if model is None:
-        model = from_state_dict(state if state is not None else golden_state, config, dtype="bf16")
+        model = from_state_dict(state if state is not None else golden_state, config, dtype="bf16", numerics="upstream")
     else:
         _check_model(model, config, "bf16", "the golden run")
     if model_hook is not None:
