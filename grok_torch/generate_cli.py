@@ -40,7 +40,8 @@ class _FiniteFloat(click.FloatRange):
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="Compute dtype (bf16 is upstream's).")
 @click.option("--numerics", type=click.Choice(["fast", "upstream"]), default="fast", show_default=True,
-              help="Numerics mode: fast (native bf16 GEMMs, int8 weight-only kernels; README: Fidelity, measured) "
+              help="Numerics mode: fast (int8 weight-only kernels, blocked matmuls, native bf16 GEMMs where the "
+                   "hardware has them; README: Fidelity, measured) "
                    "or upstream (every cast as upstream's JAX forward, bit-exact to it on the CPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads torch computes with [default: one per physical core this process may use].")

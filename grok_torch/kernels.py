@@ -1,11 +1,21 @@
-"""Matmul and attention kernels of the "fast" numerics mode, and the blocked attention of both modes.
+"""Matmul and attention kernels: blocked forms that never materialise a whole float copy of a weight matrix.
 
-int8 weight-only matmuls never dequantize a whole matrix per call:
-- few rows (decode): torch's int8 weight-only kernel (`aten._weight_int8pack_mm`, CPU and CUDA) takes
-  the int8 weight as it is and applies per-output-channel scales after the dot; scale groups G > 1
-  (contiguous slices of the input axis, each with its own scale) are G such dots summed in fp32.
-- many rows (prefill) or where that kernel is missing: blocked dequantization, a few output rows of
-  the weight at a time, into one reused buffer of bounded size, each block followed by a GEMM.
+Two ways to multiply bf16 operands (grok_torch.numerics `bf16_matmul`):
+- "fp32": the fp32 products of the bf16 values, summed in fp32 and rounded once (how XLA's CPU backend
+  evaluates upstream's bf16 dots). Computed here on blocks of output rows: a block of the weight is
+  converted (or dequantized) into one reused fp32 buffer and multiplied with the activations cast to
+  fp32 once, so no fp32 copy of the whole weight exists (bf16_linear in grok_torch.linear copies both
+  operands whole).
+- "native": torch's bf16 GEMM where the hardware has bf16 dot-product units (CUDA; CPUs with
+  AVX512-BF16 or AMX). On other CPUs torch emulates it and is slower than the fp32 form (measured on an
+  AVX2 CPU, one thread, 512 x 1024 x 5464: 894 ms native, 110 ms blocked fp32), so "native" takes the
+  fp32 form there.
+
+int8 weights (numerics `int8_matmul` "kernel"): few rows (decode) with one scale per output channel go
+through torch's int8 weight-only kernel (`aten._weight_int8pack_mm`: the int8 weight read as it is, the
+scale applied to each fp32 dot, i.e. the exact int8 x scale product); otherwise blocked dequantization
+into the reused buffer (fp32 form: the exact product, rounded to bf16 where upstream's dequantization
+rounds it; native form: rounded to bf16), each block followed by a GEMM.
 
 Attention runs over query blocks with full-row softmax, so no [B, H, T, S] fp32 logits exist at once:
 each query row's logits, soft-cap, mask and softmax are computed exactly as in the unblocked form.
@@ -13,6 +23,7 @@ each query row's logits, soft-cap, mask and softmax are computed exactly as in t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,23 +31,29 @@ import torch.nn.functional as F
 from jaxtyping import BFloat16, Bool, Float, Int8
 from torch import Tensor
 
-# Bytes of the dequantization buffer: small enough to stay in a core's L2 / the GPU's L2-ish working set,
-# large enough that each block's GEMM amortises its call.
-DEQUANT_BUFFER_BYTES = 4 << 20
-# Up to this many rows, the int8 weight-only kernel (the matrix read once as int8) beats blocked
-# dequantization (which converts each block once and reuses it for every row).
-INT8_KERNEL_MAX_ROWS = 16
+__all__ = ["linear", "int8_linear", "attention", "native_bf16"]
+
+# Bytes of one weight block in the buffer: small enough to stay in a core's L2, large enough that each
+# block's GEMM amortises its call.
+WEIGHT_BLOCK_BYTES = 4 << 20
+# Up to this many rows the int8 weight-only kernel beats blocked dequantization (measured on an AVX2 CPU,
+# one thread, 1024 x 5464: 1.1 vs 2.1 ms at 1 row, 5.1 vs 4.6 ms at 16 rows).
+INT8_KERNEL_MAX_ROWS = 8
 # fp32 logits of one attention query block, at most (the whole [B, H, T, S] at 8192 tokens of Grok-1
 # would be 12.9 GB per layer).
 ATTENTION_BLOCK_BYTES = 64 << 20
+# Tests and the fidelity script force one form of "native" (True: torch's bf16 GEMM, False: the fp32
+# form) whatever the hardware; None asks the hardware.
+NATIVE_BF16_OVERRIDE: bool | None = None
 
 _buffers: dict[tuple, Tensor] = {}
+_int8_kernel_broken: set[str] = set()
 
 
-def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A reused flat scratch tensor of at least `numel` elements (one per dtype and device): the blocked
-    kernels write into it instead of allocating fresh temporaries (page faults) on every call."""
-    key = (dtype, device)
+def _buffer(role: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reused flat scratch tensor of at least `numel` elements, one per role, dtype and device: the
+    blocked kernels write into it instead of allocating fresh temporaries (page faults) on every call."""
+    key = (role, dtype, device)
     buf = _buffers.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(numel, dtype=dtype, device=device)
@@ -44,78 +61,105 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return buf[:numel]
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux); False where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 GEMMs run natively (at least as fast as fp32) on `device`."""
+    if NATIVE_BF16_OVERRIDE is not None:
+        return NATIVE_BF16_OVERRIDE
+    return device.type != "cpu" or _cpu_has_bf16_units()
+
+
+def uses_native(bf16_matmul: str, x: Tensor) -> bool:
+    """The numerics' bf16 matmul choice for activations `x`: native bf16 GEMM or not."""
+    return x.dtype == torch.bfloat16 and bf16_matmul == "native" and native_bf16(x.device)
+
+
 def int8_kernel_available(device: torch.device) -> bool:
-    """torch has its int8 weight-only matmul on this device type (CPU and CUDA builds of torch >= 2.3)."""
-    return device.type in ("cpu", "cuda") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    """torch has its int8 weight-only matmul for this device type (and it has not failed here before)."""
+    return (device.type in ("cpu", "cuda") and device.type not in _int8_kernel_broken
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
 
 
-def linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"], native_bf16: bool) -> Float[Tensor, "*batch out"]:
-    """x @ weight^T; in bf16 on the CPU either natively (`native_bf16`) or via fp32 operands rounded once
-    (XLA's CPU result, bit for bit; what grok_torch.linear.bf16_linear does)."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16:
-        return F.linear(x.to(torch.float32), weight.to(torch.float32)).to(torch.bfloat16)
-    return F.linear(x, weight.to(x.dtype))
+def linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"], native: bool) -> Float[Tensor, "*batch out"]:
+    """x @ weight^T for a float weight. bf16 activations: torch's bf16 GEMM (`native`) or the blocked fp32
+    form (each product exact, summed in fp32, rounded once). fp32 activations: an fp32 GEMM."""
+    if x.dtype != torch.bfloat16 or native:
+        return F.linear(x, weight.to(x.dtype))
+    out = _blocked_linear(x.reshape(-1, x.shape[-1]), weight, None, round_to_bf16=False, compute=torch.float32)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def int8_linear(x: Float[Tensor, "*batch inp"], weight: Int8[Tensor, "out inp"],
-                scales: BFloat16[Tensor, "out groups"], round_to_bf16: bool = True) -> Float[Tensor, "*batch out"]:
+                scales: BFloat16[Tensor, "out groups"], round_to_bf16: bool = True,
+                native: bool = False) -> Float[Tensor, "*batch out"]:
     """x @ (weight * scales)^T without a whole float copy of the weight; output in x's dtype.
 
-    Few rows: the int8 kernel, whose scales multiply the fp32 dot (the exact int8 x scale product is
-    used: no rounding of the weight). Otherwise blocked dequantization, the product rounded to the
-    compute dtype (upstream's rounding for bf16; in fp32 rounded to bf16 only where `round_to_bf16`,
-    as upstream's dequantization is), then a native GEMM per block.
+    Few rows, one scale per output channel, a dense weight: the int8 kernel (exact product). Otherwise
+    blocked dequantization: in the fp32 form (bf16 activations, not `native`; and fp32 activations) the
+    exact product, rounded to bf16 where `round_to_bf16` (upstream's dequantization); natively in bf16,
+    rounded to bf16.
     """
     *lead, inp = x.shape
     rows = math.prod(lead)
     flat = x.reshape(rows, inp)
-    if rows <= INT8_KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and int8_kernel_available(x.device):
-        out = _int8_kernel(flat, weight, scales)
-    else:
-        out = _blocked_dequant_linear(flat, weight, scales, round_to_bf16)
+    # The kernel takes one scale per output channel and reads a dense weight without checking: G > 1
+    # groups (a column slice each) and strided weights (views of a transposed tree) take the blocked path.
+    if (rows <= INT8_KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and scales.shape[-1] == 1
+            and weight.is_contiguous() and int8_kernel_available(x.device)):
+        try:
+            out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), weight, scales[:, 0].contiguous())
+            return out.reshape(*lead, weight.shape[0])
+        except RuntimeError:  # a build whose kernel refuses this device or layout: never try it again here
+            _int8_kernel_broken.add(x.device.type)
+    compute = x.dtype if native or x.dtype != torch.bfloat16 else torch.float32
+    out = _blocked_linear(flat, weight, scales, round_to_bf16, compute)
     return out.reshape(*lead, weight.shape[0])
 
 
-def _int8_kernel(x: BFloat16[Tensor, "rows inp"], weight: Int8[Tensor, "out inp"],
-                 scales: BFloat16[Tensor, "out groups"]) -> BFloat16[Tensor, "rows out"]:
-    """aten._weight_int8pack_mm per scale group (it takes per-output-channel scales only)."""
-    groups = scales.shape[-1]
-    if groups == 1:
-        return torch.ops.aten._weight_int8pack_mm(x, weight, scales[:, 0].contiguous())
-    width = weight.shape[1] // groups
-    total = None
-    for g in range(groups):
-        cols = slice(g * width, (g + 1) * width)
-        part = torch.ops.aten._weight_int8pack_mm(x[:, cols].contiguous(), weight[:, cols].contiguous(),
-                                                  scales[:, g].contiguous()).to(torch.float32)
-        total = part if total is None else total.add_(part)
-    return total.to(torch.bfloat16)
-
-
-def _blocked_dequant_linear(x: Float[Tensor, "rows inp"], weight: Int8[Tensor, "out inp"],
-                            scales: BFloat16[Tensor, "out groups"], round_to_bf16: bool) -> Float[Tensor, "rows out"]:
-    """Dequantize `block` output rows at a time into one reused buffer, GEMM each block into its slice."""
-    out_features, inp = weight.shape
-    groups = scales.shape[-1]
-    dtype = x.dtype
-    block = max(1, min(out_features, DEQUANT_BUFFER_BYTES // (inp * torch.finfo(dtype).bits // 8)))
-    buf = _buffer(block * inp, dtype, x.device)
-    # Output rows of the weight are columns of the result: build it transposed so that each block's GEMM
-    # writes a contiguous slice, and transpose the (activation-sized) result once at the end.
-    out_t = torch.empty(out_features, x.shape[0], dtype=dtype, device=x.device)
-    x_t = x.t()
-    scale_buf = scales.to(dtype)
+def _blocked_linear(x: Float[Tensor, "rows inp"], weight: Float[Tensor, "out inp"],
+                    scales: BFloat16[Tensor, "out groups"] | None, round_to_bf16: bool,
+                    compute: torch.dtype) -> Float[Tensor, "rows out"]:
+    """Convert (and dequantize, with `scales`) a block of output rows of `weight` at a time into one reused
+    buffer of dtype `compute`, multiply the activations (cast to `compute` once) with it into a reused
+    block of results, and copy that into its columns of the output (x's dtype, rounded once)."""
+    rows, inp = x.shape
+    out_features = weight.shape[0]
+    size = torch.finfo(compute).bits // 8
+    block = max(1, min(out_features, WEIGHT_BLOCK_BYTES // (inp * size)))
+    w_buf = _buffer("weight", block * inp, compute, x.device)
+    r_buf = _buffer("result", rows * block, compute, x.device)
+    rounding = _buffer("rounding", block * inp, torch.bfloat16, x.device) \
+        if scales is not None and round_to_bf16 and compute != torch.bfloat16 else None
+    xc = x if x.dtype == compute else x.to(compute)
+    groups = 1 if scales is None else scales.shape[-1]
+    scale_c = None if scales is None else scales.to(compute)
+    out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     for start in range(0, out_features, block):
         stop = min(out_features, start + block)
         n = stop - start
-        w = buf[:n * inp].view(n, groups, inp // groups)
-        w.copy_(weight[start:stop].view(n, groups, inp // groups))  # int8 -> dtype, exact
-        w.mul_(scale_buf[start:stop].unsqueeze(-1))  # the exact product, rounded once to dtype
-        if round_to_bf16 and dtype != torch.bfloat16:
-            w.copy_(w.to(torch.bfloat16))
-        torch.mm(w.view(n, inp), x_t, out=out_t[start:stop])
-    out = out_t.t()
-    return out.contiguous()
+        w = w_buf[:n * inp].view(n, inp)
+        w.copy_(weight[start:stop])  # int8 or bf16 -> compute dtype: exact
+        if scale_c is not None:
+            # The exact int8 x scale product (in fp32; in bf16 rounded once, as upstream's dequantization).
+            w.view(n, groups, inp // groups).mul_(scale_c[start:stop].unsqueeze(-1))
+            if rounding is not None:
+                r16 = rounding[:n * inp].view(n, inp)
+                r16.copy_(w)
+                w.copy_(r16)
+        result = r_buf[:rows * n].view(rows, n)
+        torch.mm(xc, w.t(), out=result)
+        out[:, start:stop].copy_(result)
+    return out
 
 
 def attention(q: Float[Tensor, "batch seq kv_heads group head_dim"], k: Float[Tensor, "batch keys kv_heads head_dim"],
@@ -125,10 +169,11 @@ def attention(q: Float[Tensor, "batch seq kv_heads group head_dim"], k: Float[Te
     """Grouped-query attention with upstream's numerics, over blocks of queries.
 
     Per query block: QK^T in the activation dtype, then fp32, times `multiplier`, cap*tanh(./cap),
-    masked (causal from `offset`, and padding keys) with `mask_value`, softmax over the whole key row,
-    rounded to the activation dtype, times V. Every query row is computed as in one unblocked pass,
-    so blocking changes no bit there; memory is O(block * keys) instead of O(seq * keys).
-    `block_bytes` bounds one block's fp32 logits (None: ATTENTION_BLOCK_BYTES, read at call time).
+    masked (query i at absolute position offset + i sees key j when j <= offset + i and key j is a
+    real token) with `mask_value`, softmax over the whole key row, rounded to the activation dtype,
+    times V. Every query row is computed as in one unblocked pass, so blocking changes no bit there;
+    memory is O(block * keys) instead of O(seq * keys). `block_bytes` bounds one block's fp32 logits
+    (None: ATTENTION_BLOCK_BYTES, read at call time).
     """
     if block_bytes is None:
         block_bytes = ATTENTION_BLOCK_BYTES

@@ -133,12 +133,13 @@ class Linear(nn.Module):
 
     def forward(self, x: Float[Tensor, "*batch inp"], index: int | None = None) -> Float[Tensor, "*batch out"]:
         mode = self.numerics
+        native = kernels.uses_native(mode.bf16_matmul, x)
         if self.quantized and mode.int8_matmul == "kernel" and (index is not None or self.weight.dim() == 2):
             weight = self.weight if index is None else self.weight[index]
             scales = self.scales if index is None else self.scales[index]
-            return kernels.int8_linear(x, weight, scales, self.dequant_rounds_to_bf16)
-        if mode.native_bf16_gemm:
-            return kernels.linear(x, self.materialize(x.dtype, index), native_bf16=True)
+            return kernels.int8_linear(x, weight, scales, self.dequant_rounds_to_bf16, native)
+        if mode.bf16_matmul == "native":
+            return kernels.linear(x, self.materialize(x.dtype, index), native)
         return bf16_linear(x, self.materialize(x.dtype, index))
 
     def extra_repr(self) -> str:

@@ -165,6 +165,12 @@ class Attention(nn.Module):
         return self.o_proj(context)
 
 
+def _expert_hidden_in_activation_dtype(numerics: Numerics, x: Tensor) -> bool:
+    """The numerics' expert_hidden_dtype for activations `x` ("auto": where bf16 matmuls run natively)."""
+    choice = numerics.expert_hidden_dtype
+    return choice == "activation" or (choice == "auto" and kernels.uses_native(numerics.bf16_matmul, x))
+
+
 class MoE(nn.Module):
     """Top-k mixture of gated-GELU experts with fp32 routing and sparse dispatch."""
 
@@ -191,12 +197,12 @@ class MoE(nn.Module):
         input projections in the activation dtype, then gelu, the product and the down projection
         in fp32 (upstream's one-hot expert selection promotes them), returned in fp32. With the numerics'
         expert_hidden_dtype "activation", all of it in the activation dtype (returned in it)."""
-        if self.numerics.expert_hidden_dtype == "activation":
+        if _expert_hidden_in_activation_dtype(self.numerics, x):
             return self.down_proj(self.up_proj(x, index) * expert_activation(self.gate_proj(x, index)), index)
         gate = self.gate_proj(x, index).to(torch.float32)
         up = self.up_proj(x, index).to(torch.float32)
         hidden = up * expert_activation(gate)
-        return F.linear(hidden, self.down_proj.materialize(torch.float32, index))
+        return self.down_proj(hidden, index)  # fp32 activations: an fp32 matmul with the exact product
 
     def forward(self, x: Float[Tensor, "batch seq dim"], record: Record = None,
                 prefix: str = "") -> Float[Tensor, "batch seq dim"]:
@@ -362,8 +368,8 @@ class Grok(nn.Module):
         """Final RMSNorm and the tied output projection, times the output multiplier."""
         h = self.norm(h)
         _put(record, "final_norm", h)
-        if self.numerics.native_bf16_gemm:  # one native GEMM, no fp32 copy of the table
-            logits = kernels.linear(h, self.embedding.weight, native_bf16=True)
+        if self.numerics.bf16_matmul == "native":  # one GEMM, no fp32 copy of the table
+            logits = kernels.linear(h, self.embedding.weight, kernels.uses_native("native", h))
         else:
             logits = tied_output_projection(h, self.embedding.weight, self.config.model_shards)
         return logits * activation_dtype_multiplier(self.config.output_multiplier_scale, logits)

@@ -19,18 +19,19 @@ class Numerics:
 
     name: str
     summary: str
-    # Fields below were added for the "fast" mode; each default is upstream's choice.
-    # bf16 matmuls on the CPU: False computes them in fp32 and rounds once (XLA's CPU result, bit for bit);
-    # True uses torch's native bf16 GEMM (fp32 accumulation in another order, no fp32 operand copies).
-    native_bf16_gemm: bool = False
+    # Fields below were added with the "fast" mode; each default is upstream's choice.
+    # bf16 x bf16 matmuls: "fp32" sums the fp32 products and rounds once (XLA's CPU result, bit for bit);
+    # "native" uses torch's bf16 GEMM where the hardware has bf16 dot units (CUDA, AVX512-BF16, AMX) and
+    # the fp32 form on blocks of the weight elsewhere (grok_torch.kernels: faster there).
+    bf16_matmul: str = "fp32"
     # int8 weights: "dequantize" materialises each matrix with upstream's rounding, then multiplies;
     # "kernel" uses grok_torch.kernels (torch's int8 weight-only matmul for few rows, blocked
     # dequantization into a reused buffer for many), never a whole float matrix per call.
     int8_matmul: str = "dequantize"
-    # dtype of the expert hidden state (gelu(gate) * up) and of the down projection: "fp32" as upstream's
-    # one-hot expert selection promotes it, or "activation" (the compute dtype).
+    # The expert hidden state gelu(gate) * up and the down projection: "fp32" as upstream's one-hot expert
+    # selection promotes them; "activation" in the compute dtype; "auto" in the compute dtype where the bf16
+    # matmul runs natively (then the down projection is a bf16 GEMM), else fp32 (no faster in bf16 there).
     expert_hidden_dtype: str = "fp32"
-
 
 UPSTREAM = Numerics(
     name="upstream",
@@ -39,10 +40,11 @@ UPSTREAM = Numerics(
 
 FAST = Numerics(
     name="fast",
-    summary="native bf16 GEMMs, int8 weight-only kernels, bf16 expert hidden state (README: Fidelity, measured)",
-    native_bf16_gemm=True,
+    summary="int8 weight-only kernels, blocked matmuls, native bf16 GEMMs where the hardware has them "
+            "(README: Fidelity, measured)",
+    bf16_matmul="native",
     int8_matmul="kernel",
-    expert_hidden_dtype="activation",
+    expert_hidden_dtype="auto",
 )
 
 PRESETS: dict[str, Numerics] = {n.name: n for n in (UPSTREAM, FAST)}
