@@ -101,10 +101,11 @@ def linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"], nat
 
 def int8_linear(x: Float[Tensor, "*batch inp"], weight: Int8[Tensor, "out inp"],
                 scales: BFloat16[Tensor, "out groups"], round_to_bf16: bool = True,
-                native: bool = False) -> Float[Tensor, "*batch out"]:
+                native: bool = False, int8_kernel: bool = True) -> Float[Tensor, "*batch out"]:
     """x @ (weight * scales)^T without a whole float copy of the weight; output in x's dtype.
 
-    Few rows, one scale per output channel, a dense weight: the int8 kernel (exact product). Otherwise
+    Few rows, one scale per output channel, a dense weight, `int8_kernel`: the int8 kernel (exact
+    product). Otherwise
     blocked dequantization: in the fp32 form (bf16 activations, not `native`; and fp32 activations) the
     exact product, rounded to bf16 where `round_to_bf16` (upstream's dequantization); natively in bf16,
     rounded to bf16.
@@ -114,7 +115,7 @@ def int8_linear(x: Float[Tensor, "*batch inp"], weight: Int8[Tensor, "out inp"],
     flat = x.reshape(rows, inp)
     # The kernel takes one scale per output channel and reads a dense weight without checking: G > 1
     # groups (a column slice each) and strided weights (views of a transposed tree) take the blocked path.
-    if (rows <= INT8_KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and scales.shape[-1] == 1
+    if (int8_kernel and rows <= INT8_KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and scales.shape[-1] == 1
             and weight.is_contiguous() and int8_kernel_available(x.device)):
         try:
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), weight, scales[:, 0].contiguous())
