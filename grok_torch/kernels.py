@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import BFloat16, Bool, Float, Int8
+from jaxtyping import BFloat16, Bool, Float, Int8, Shaped
 from torch import Tensor
 
 __all__ = ["linear", "int8_linear", "attention", "native_bf16"]
@@ -101,14 +102,16 @@ def linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"], nat
 
 def int8_linear(x: Float[Tensor, "*batch inp"], weight: Int8[Tensor, "out inp"],
                 scales: BFloat16[Tensor, "out groups"], round_to_bf16: bool = True,
-                native: bool = False, int8_kernel: bool = True) -> Float[Tensor, "*batch out"]:
+                native: bool = False, int8_kernel: bool = True,
+                dequantize: Callable | None = None) -> Float[Tensor, "*batch out"]:
     """x @ (weight * scales)^T without a whole float copy of the weight; output in x's dtype.
 
     Few rows, one scale per output channel, a dense weight, `int8_kernel`: the int8 kernel (exact
     product). Otherwise
     blocked dequantization: in the fp32 form (bf16 activations, not `native`; and fp32 activations) the
     exact product, rounded to bf16 where `round_to_bf16` (upstream's dequantization); natively in bf16,
-    rounded to bf16.
+    rounded to bf16. `dequantize(weight, scales, round_to_bf16)`, when given, dequantizes each block
+    (upstream mode passes grok_torch.linear.dequantize, so that its arithmetic lives in one place).
     """
     *lead, inp = x.shape
     rows = math.prod(lead)
@@ -123,13 +126,13 @@ def int8_linear(x: Float[Tensor, "*batch inp"], weight: Int8[Tensor, "out inp"],
         except RuntimeError:  # a build whose kernel refuses this device or layout: never try it again here
             _int8_kernel_broken.add(x.device.type)
     compute = x.dtype if native or x.dtype != torch.bfloat16 else torch.float32
-    out = _blocked_linear(flat, weight, scales, round_to_bf16, compute)
+    out = _blocked_linear(flat, weight, scales, round_to_bf16, compute, dequantize)
     return out.reshape(*lead, weight.shape[0])
 
 
-def _blocked_linear(x: Float[Tensor, "rows inp"], weight: Float[Tensor, "out inp"],
+def _blocked_linear(x: Float[Tensor, "rows inp"], weight: Shaped[Tensor, "out inp"],
                     scales: BFloat16[Tensor, "out groups"] | None, round_to_bf16: bool,
-                    compute: torch.dtype) -> Float[Tensor, "rows out"]:
+                    compute: torch.dtype, dequantize: Callable | None = None) -> Float[Tensor, "rows out"]:
     """Convert (and dequantize, with `scales`) a block of output rows of `weight` at a time into one reused
     buffer of dtype `compute`, multiply the activations (cast to `compute` once) with it into a reused
     block of results, and copy that into its columns of the output (x's dtype, rounded once)."""
@@ -149,8 +152,11 @@ def _blocked_linear(x: Float[Tensor, "rows inp"], weight: Float[Tensor, "out inp
         stop = min(out_features, start + block)
         n = stop - start
         w = w_buf[:n * inp].view(n, inp)
-        w.copy_(weight[start:stop])  # int8 or bf16 -> compute dtype: exact
-        if scale_c is not None:
+        if dequantize is not None and scales is not None:
+            w.copy_(dequantize(weight[start:stop], scales[start:stop], round_to_bf16))
+        else:
+            w.copy_(weight[start:stop])  # int8 or bf16 -> compute dtype: exact
+        if scale_c is not None and dequantize is None:
             # The exact int8 x scale product (in fp32; in bf16 rounded once, as upstream's dequantization).
             w.view(n, groups, inp // groups).mul_(scale_c[start:stop].unsqueeze(-1))
             if rounding is not None:
@@ -165,11 +171,11 @@ def _blocked_linear(x: Float[Tensor, "rows inp"], weight: Float[Tensor, "out inp
 
 def attention(q: Float[Tensor, "batch seq kv_heads group head_dim"], k: Float[Tensor, "batch keys kv_heads head_dim"],
               v: Float[Tensor, "batch keys kv_heads head_dim"], key_valid: Bool[Tensor, "batch keys"], offset: int,
-              multiplier: float, cap: float, mask_value: float,
+              multiplier: float, cap: float, mask_value: float, soft_cap: Callable[[Tensor, float], Tensor],
               block_bytes: int | None = None) -> Float[Tensor, "batch seq kv_heads group head_dim"]:
     """Grouped-query attention with upstream's numerics, over blocks of queries.
 
-    Per query block: QK^T in the activation dtype, then fp32, times `multiplier`, cap*tanh(./cap),
+    Per query block: QK^T in the activation dtype, then fp32, times `multiplier`, soft_cap(., cap),
     masked (query i at absolute position offset + i sees key j when j <= offset + i and key j is a
     real token) with `mask_value`, softmax over the whole key row, rounded to the activation dtype,
     times V. Every query row is computed as in one unblocked pass, so blocking changes no bit there;
@@ -188,7 +194,7 @@ def attention(q: Float[Tensor, "batch seq kv_heads group head_dim"], k: Float[Te
         stop = min(seq, start + block)
         logits = torch.einsum("btkgd,bskd->bkgts", q[:, start:stop], k).to(torch.float32)
         logits = logits * multiplier
-        logits = cap * torch.tanh(logits / cap)
+        logits = soft_cap(logits, cap)
         query_pos = torch.arange(start, stop, device=q.device)[:, None] + offset
         mask = (key_pos[None, :] <= query_pos)[None] & key_valid[:, None, :]  # [B, t, S]
         logits = logits.masked_fill(~mask[:, None, None], mask_value)

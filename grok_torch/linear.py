@@ -141,8 +141,9 @@ class Linear(nn.Module):
             # Upstream's numerics on the CPU too: the values of materialize(), one block at a time.
             weight = self.weight if index is None else self.weight[index]
             scales = self.scales if index is None else self.scales[index]
-            return kernels.int8_linear(x, weight, scales, self.dequant_rounds_to_bf16, native,
-                                       int8_kernel=mode.int8_matmul == "kernel")
+            kernel = mode.int8_matmul == "kernel"
+            return kernels.int8_linear(x, weight, scales, self.dequant_rounds_to_bf16, native, int8_kernel=kernel,
+                                       dequantize=None if kernel else dequantize)
         if mode.bf16_matmul == "native":
             return kernels.linear(x, self.materialize(x.dtype, index), native)
         return bf16_linear(x, self.materialize(x.dtype, index))

@@ -160,7 +160,7 @@ class Attention(nn.Module):
         # so no [B, H, T, S] fp32 logits exist at once (grok_torch.kernels.attention; each row unchanged).
         q = q.view(batch, seq, cfg.num_kv_heads, cfg.q_heads_per_kv_head, cfg.key_size)
         context = kernels.attention(q, k, v, key_valid, offset, cfg.attn_output_multiplier, cfg.attn_logit_softcap,
-                                    MASK_VALUE).reshape(batch, seq, -1)
+                                    MASK_VALUE, soft_cap).reshape(batch, seq, -1)
         _put(record, prefix + "attn_context", context)
         return self.o_proj(context)
 
