@@ -170,14 +170,14 @@ def _blocked_linear(x: Float[Tensor, "rows inp"], weight: Shaped[Tensor, "out in
 
 
 def attention(q: Float[Tensor, "batch seq kv_heads group head_dim"], k: Float[Tensor, "batch keys kv_heads head_dim"],
-              v: Float[Tensor, "batch keys kv_heads head_dim"], key_valid: Bool[Tensor, "batch keys"], offset: int,
+              v: Float[Tensor, "batch keys kv_heads head_dim"], mask: Callable[[int, int], Tensor],
               multiplier: float, cap: float, mask_value: float, soft_cap: Callable[[Tensor, float], Tensor],
               block_bytes: int | None = None) -> Float[Tensor, "batch seq kv_heads group head_dim"]:
     """Grouped-query attention with upstream's numerics, over blocks of queries.
 
     Per query block: QK^T in the activation dtype, then fp32, times `multiplier`, soft_cap(., cap),
-    masked (query i at absolute position offset + i sees key j when j <= offset + i and key j is a
-    real token) with `mask_value`, softmax over the whole key row, rounded to the activation dtype,
+    masked where `mask(start, stop)` ([B, stop - start, keys] bool: which keys queries start..stop-1
+    may see) is False, with `mask_value`, softmax over the whole key row, rounded to the activation dtype,
     times V. Every query row is computed as in one unblocked pass, so blocking changes no bit there;
     memory is O(block * keys) instead of O(seq * keys). `block_bytes` bounds one block's fp32 logits
     (None: ATTENTION_BLOCK_BYTES, read at call time).
@@ -188,16 +188,13 @@ def attention(q: Float[Tensor, "batch seq kv_heads group head_dim"], k: Float[Te
     keys = k.shape[1]
     per_query = batch * kv_heads * group * keys * 4
     block = max(1, min(seq, block_bytes // max(1, per_query)))
-    key_pos = torch.arange(keys, device=q.device)
     out = torch.empty_like(q)
     for start in range(0, seq, block):
         stop = min(seq, start + block)
         logits = torch.einsum("btkgd,bskd->bkgts", q[:, start:stop], k).to(torch.float32)
         logits = logits * multiplier
         logits = soft_cap(logits, cap)
-        query_pos = torch.arange(start, stop, device=q.device)[:, None] + offset
-        mask = (key_pos[None, :] <= query_pos)[None] & key_valid[:, None, :]  # [B, t, S]
-        logits = logits.masked_fill(~mask[:, None, None], mask_value)
+        logits = logits.masked_fill(~mask(start, stop)[:, None, None], mask_value)
         weights = torch.softmax(logits, dim=-1).to(q.dtype)
         out[:, start:stop] = torch.einsum("bkgts,bskd->btkgd", weights, v)
     return out

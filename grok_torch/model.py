@@ -156,11 +156,14 @@ class Attention(nn.Module):
             k, v = cache.keys[layer][:, :end], cache.values[layer][:, :end]
             key_valid = cache.key_valid[:, :end]
         # Query head j shares kv head j // (num_q_heads / num_kv_heads). QK^T in x.dtype, then fp32 logits
-        # times the multiplier, soft-capped, masked (attention_mask's rule), softmax: over query blocks,
+        # times the multiplier, soft-capped, masked (attention_mask), softmax: over query blocks,
         # so no [B, H, T, S] fp32 logits exist at once (grok_torch.kernels.attention; each row unchanged).
         q = q.view(batch, seq, cfg.num_kv_heads, cfg.q_heads_per_kv_head, cfg.key_size)
-        context = kernels.attention(q, k, v, key_valid, offset, cfg.attn_output_multiplier, cfg.attn_logit_softcap,
-                                    MASK_VALUE, soft_cap).reshape(batch, seq, -1)
+        def mask(start: int, stop: int) -> Bool[Tensor, "batch block keys"]:
+            return attention_mask(key_valid, stop - start, offset + start)
+
+        context = kernels.attention(q, k, v, mask, cfg.attn_output_multiplier, cfg.attn_logit_softcap, MASK_VALUE,
+                                    soft_cap).reshape(batch, seq, -1)
         _put(record, prefix + "attn_context", context)
         return self.o_proj(context)
 

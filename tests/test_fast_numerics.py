@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import grok_torch.kernels as kernels
 from grok_torch.config import GrokConfig
 from grok_torch.loading import from_state_dict
-from grok_torch.model import MASK_VALUE, Grok
+from grok_torch.model import MASK_VALUE, Grok, attention_mask
 from parity.compare import distribution_agreement
 from parity.harness import ParityReport, compare_model, load_golden, run_golden, torch_end_to_end
 from parity.tolerances import (FAST_DISTRIBUTION_TOLERANCES, FAST_TOLERANCES, FAST_VS_UPSTREAM_MIN_RUNNER_UP,
@@ -148,10 +148,17 @@ def test_blocked_attention_equals_plain_attention(dtype, offset, monkeypatch):
     real_tanh = torch.tanh
     monkeypatch.setattr(torch, "tanh", lambda t: largest.append(t.numel()) or real_tanh(t))
     per_query = batch * kv * group * keys * 4
-    got = kernels.attention(q, k, v, key_valid, offset, 0.25, 30.0, MASK_VALUE, lambda t, c: c * torch.tanh(t / c),
+    blocks = []
+
+    def mask(start, stop):
+        blocks.append((start, stop))
+        return attention_mask(key_valid, stop - start, offset + start)
+
+    got = kernels.attention(q, k, v, mask, 0.25, 30.0, MASK_VALUE, lambda t, c: c * torch.tanh(t / c),
                             block_bytes=4 * per_query)
     assert torch.equal(got, want)  # each row computed as in the plain form: no bit changes
     assert len(largest) == math.ceil(seq / 4) and max(largest) == 4 * per_query // 4  # 4 queries per block
+    assert blocks == [(s, min(seq, s + 4)) for s in range(0, seq, 4)]
 
 
 def test_upstream_mode_does_not_depend_on_the_block_sizes(monkeypatch):
