@@ -47,6 +47,8 @@ ATTENTION_BLOCK_BYTES = 64 << 20
 # form) whatever the hardware; None asks the hardware.
 NATIVE_BF16_OVERRIDE: bool | None = None
 
+# The scratch buffers are shared by every call (one model computing at a time per process: the kernels
+# are not for concurrent forwards from several Python threads).
 _buffers: dict[tuple, Tensor] = {}
 _int8_kernel_broken: set[str] = set()
 
@@ -107,8 +109,7 @@ def int8_linear(x: Float[Tensor, "*batch inp"], weight: Int8[Tensor, "out inp"],
     """x @ (weight * scales)^T without a whole float copy of the weight; output in x's dtype.
 
     Few rows, one scale per output channel, a dense weight, `int8_kernel`: the int8 kernel (exact
-    product). Otherwise
-    blocked dequantization: in the fp32 form (bf16 activations, not `native`; and fp32 activations) the
+    product). Otherwise blocked dequantization: in the fp32 form (bf16 activations, not `native`; and fp32 activations) the
     exact product, rounded to bf16 where `round_to_bf16` (upstream's dequantization); natively in bf16,
     rounded to bf16. `dequantize(weight, scales, round_to_bf16)`, when given, dequantizes each block
     (upstream mode passes grok_torch.linear.dequantize, so that its arithmetic lives in one place).

@@ -2,8 +2,10 @@
 
 A mode is data (a frozen `Numerics`), read by the modules at call time; switching it never touches
 a weight. "upstream" reproduces every cast of upstream's JAX forward on the CPU (the parity harness
-and the golden tests use it). Other modes name what they change, and the README states how far
-each one is from upstream, measured.
+and the golden tests use it). "fast" (the default for users: DEFAULT) uses grok_torch.kernels' int8
+weight-only matmuls and blocked GEMMs, natively in bf16 where the hardware has bf16 units. Other modes
+name what they change, and the README ("Fidelity, measured") states how far each one is from upstream,
+measured.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Numerics:
     # selection promotes them; "activation" in the compute dtype; "auto" in the compute dtype where the bf16
     # matmul runs natively (then the down projection is a bf16 GEMM), else fp32 (no faster in bf16 there).
     expert_hidden_dtype: str = "fp32"
+
 
 UPSTREAM = Numerics(
     name="upstream",
