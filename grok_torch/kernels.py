@@ -173,7 +173,8 @@ def _blocked_linear(x: Float[Tensor, "rows inp"], weight: Shaped[Tensor, "out in
 def attention(q: Float[Tensor, "batch seq kv_heads group head_dim"], k: Float[Tensor, "batch keys kv_heads head_dim"],
               v: Float[Tensor, "batch keys kv_heads head_dim"], mask: Callable[[int, int], Tensor],
               multiplier: float, cap: float, mask_value: float, soft_cap: Callable[[Tensor, float], Tensor],
-              block_bytes: int | None = None) -> Float[Tensor, "batch seq kv_heads group head_dim"]:
+              block_bytes: int | None = None,
+              fp32_dots: bool = False) -> Float[Tensor, "batch seq kv_heads group head_dim"]:
     """Grouped-query attention with upstream's numerics, over blocks of queries.
 
     Per query block: QK^T in the activation dtype, then fp32, times `multiplier`, soft_cap(., cap),
@@ -181,7 +182,9 @@ def attention(q: Float[Tensor, "batch seq kv_heads group head_dim"], k: Float[Te
     may see) is False, with `mask_value`, softmax over the whole key row, rounded to the activation dtype,
     times V. Every query row is computed as in one unblocked pass, so blocking changes no bit there;
     memory is O(block * keys) instead of O(seq * keys). `block_bytes` bounds one block's fp32 logits
-    (None: ATTENTION_BLOCK_BYTES, read at call time).
+    (None: ATTENTION_BLOCK_BYTES, read at call time). `fp32_dots`: the two bf16 products computed as fp32
+    products rounded once to bf16 (fast mode on CPUs without bf16 units, where torch's bf16 batched
+    matmul is emulated and several times slower).
     """
     if block_bytes is None:
         block_bytes = ATTENTION_BLOCK_BYTES
@@ -192,10 +195,17 @@ def attention(q: Float[Tensor, "batch seq kv_heads group head_dim"], k: Float[Te
     out = torch.empty_like(q)
     for start in range(0, seq, block):
         stop = min(seq, start + block)
-        logits = torch.einsum("btkgd,bskd->bkgts", q[:, start:stop], k).to(torch.float32)
+        logits = _dot("btkgd,bskd->bkgts", q[:, start:stop], k, fp32_dots).to(torch.float32)
         logits = logits * multiplier
         logits = soft_cap(logits, cap)
         logits = logits.masked_fill(~mask(start, stop)[:, None, None], mask_value)
         weights = torch.softmax(logits, dim=-1).to(q.dtype)
-        out[:, start:stop] = torch.einsum("bkgts,bskd->btkgd", weights, v)
+        out[:, start:stop] = _dot("bkgts,bskd->btkgd", weights, v, fp32_dots)
     return out
+
+
+def _dot(equation: str, a: Tensor, b: Tensor, fp32: bool) -> Tensor:
+    """einsum in the operands' dtype, or (`fp32`, bf16 operands) in fp32 and rounded once to their dtype."""
+    if fp32 and a.dtype == torch.bfloat16:
+        return torch.einsum(equation, a.to(torch.float32), b.to(torch.float32)).to(a.dtype)
+    return torch.einsum(equation, a, b)

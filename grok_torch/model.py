@@ -162,8 +162,9 @@ class Attention(nn.Module):
         def mask(start: int, stop: int) -> Bool[Tensor, "batch block keys"]:
             return attention_mask(key_valid, stop - start, offset + start)
 
+        fp32_dots = self.numerics.bf16_matmul == "native" and not kernels.uses_native("native", x)
         context = kernels.attention(q, k, v, mask, cfg.attn_output_multiplier, cfg.attn_logit_softcap, MASK_VALUE,
-                                    soft_cap).reshape(batch, seq, -1)
+                                    soft_cap, fp32_dots=fp32_dots).reshape(batch, seq, -1)
         _put(record, prefix + "attn_context", context)
         return self.o_proj(context)
 
