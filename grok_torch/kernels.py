@@ -59,7 +59,8 @@ def _buffer(role: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     key = (role, dtype, device)
     buf = _buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = torch.empty(numel, dtype=dtype, device=device)
         _buffers[key] = buf
     return buf[:numel]
 
@@ -98,6 +99,8 @@ def linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"], nat
     form (each product exact, summed in fp32, rounded once). fp32 activations: an fp32 GEMM."""
     if x.dtype != torch.bfloat16 or native:
         return F.linear(x, weight.to(x.dtype))
+    if _needs_autograd(x, weight):
+        return F.linear(x.to(torch.float32), weight.to(torch.float32)).to(torch.bfloat16)
     out = _blocked_linear(x.reshape(-1, x.shape[-1]), weight, None, round_to_bf16=False, compute=torch.float32)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -127,8 +130,25 @@ def int8_linear(x: Float[Tensor, "*batch inp"], weight: Int8[Tensor, "out inp"],
         except RuntimeError:  # a build whose kernel refuses this device or layout: never try it again here
             _int8_kernel_broken.add(x.device.type)
     compute = x.dtype if native or x.dtype != torch.bfloat16 else torch.float32
+    if _needs_autograd(x, scales):  # the blocked form writes into scratch buffers: no gradients through it
+        from_dequantize = dequantize or _dequantize_whole
+        return F.linear(x.to(compute), from_dequantize(weight, scales, round_to_bf16).to(compute)).to(x.dtype)
     out = _blocked_linear(flat, weight, scales, round_to_bf16, compute, dequantize)
     return out.reshape(*lead, weight.shape[0])
+
+
+def _needs_autograd(*tensors: Tensor) -> bool:
+    """Gradients are being recorded through one of `tensors` (training, or a check of gradients)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _dequantize_whole(weight: Int8[Tensor, "out inp"], scales: BFloat16[Tensor, "out groups"],
+                      round_to_bf16: bool) -> Float[Tensor, "out inp"]:
+    """The exact int8 x scale product in fp32 (rounded to bf16 where asked): the blocked form's values, whole."""
+    n, k = weight.shape
+    g = scales.shape[-1]
+    product = (weight.to(torch.float32).view(n, g, k // g) * scales.to(torch.float32).unsqueeze(-1)).view(n, k)
+    return product.to(torch.bfloat16) if round_to_bf16 else product
 
 
 def _blocked_linear(x: Float[Tensor, "rows inp"], weight: Shaped[Tensor, "out inp"],

@@ -252,3 +252,20 @@ def test_cli_takes_numerics_and_threads():
     assert "--numerics [fast|upstream]" in help_text and "--threads" in help_text
     result = CliRunner().invoke(main, ["parity", "--threads", "0"])
     assert result.exit_code == 2 and "--threads" in result.output
+
+
+def test_kernels_work_in_and_out_of_inference_mode_and_keep_gradients():
+    """Scratch buffers made under inference_mode stay usable outside it; with gradients being recorded the
+    kernels take the whole-matrix form, so gradients flow."""
+    kernels._buffers.clear()
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randint(-127, 128, (40, 32), dtype=torch.int8, generator=gen)
+    scales = (torch.rand(40, 2, generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(20, 32, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        inside = kernels.int8_linear(x, weight, scales)
+    with torch.no_grad():
+        assert torch.equal(kernels.int8_linear(x, weight, scales), inside)
+    dense = torch.randn(40, 32, generator=gen).to(torch.bfloat16).requires_grad_()
+    kernels.linear(x, dense, native=False).float().sum().backward()
+    assert dense.grad is not None and dense.grad.abs().sum() > 0
