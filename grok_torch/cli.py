@@ -22,6 +22,7 @@ COMMANDS = {
     "export-serving": "convert.serving.cli:export_serving_cmd",
     "parity": "parity.cli:parity_cmd",
     "generate": "grok_torch.generate_cli:generate_cmd",
+    "plan": "grok_torch.plan_cli:plan_cmd",
     "demo": "parity.demo:demo_cmd",
 }
 
@@ -75,3 +76,7 @@ class LazyGroup(click.Group):
 def main(debug: bool) -> None:
     """Grok-1 in PyTorch: convert the official checkpoint, check parity with the JAX reference,
     and run the model."""
+
+
+if __name__ == "__main__":  # `torchrun --nproc-per-node W -m grok_torch.cli generate ...`
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -47,20 +48,21 @@ class _FiniteFloat(click.FloatRange):
               help="CPU threads torch computes with [default: one per physical core this process may use].")
 @click.option("--truncate", is_flag=True,
               help="Left-truncate prompts too long for the model's sequence_len instead of refusing them.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda (cuda:LOCAL_RANK with --tp or torchrun) or cuda:N; weights are read straight onto it.")
+@click.option("--tp", type=click.IntRange(min=1), default=None,
+              help="Tensor-parallel degree W: start W local processes (one per GPU with --device cuda; gloo on "
+                   "the CPU). Under torchrun it is the world size [default there: WORLD_SIZE].")
 @click.pass_context
 @cli_errors
 def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, tokenizer_path: Path | None, weights: str, dtype: str, numerics: str, threads: int | None,
-                 truncate: bool) -> None:
+                 truncate: bool, device: str, tp: int | None) -> None:
     """Continue each --prompt with the model in the converted directory PATH.
 
     One prompt streams its continuation as it is produced; several print each row, labelled, as it
     finishes. A closing line gives the prefill and decode speeds in tokens/s.
     """
-    import grok_torch
-    from grok_torch.generation import PromptTruncatedWarning, fit_prompts, generate
-    from grok_torch.tokenizer import StreamDecoder, Tokenizer, find_tokenizer
-
     if temperature == 0:  # greedy: nothing is drawn
         ignored = [f"--{name.replace('_', '-')}" for name in ("top_p", "seed")
                    if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
@@ -69,8 +71,73 @@ def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_n
                             f"--temperature 0 (greedy decoding draws nothing)")
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (expected a converted grok-torch directory)")
+    _check_device(device)
+    options = dict(path=path, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   seed=seed, tokenizer_path=tokenizer_path, weights=weights, dtype=dtype, truncate=truncate,
+                   device=device, numerics=numerics, threads=threads)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
+        world = int(os.environ["WORLD_SIZE"])
+        if tp is not None and tp != world:
+            raise UserError(f"--tp {tp} but torchrun started {world} processes (WORLD_SIZE): give the same W or "
+                            f"leave --tp out")
+        _generate_rank(int(os.environ["RANK"]), world, options, True)
+    elif tp is not None and tp > 1:
+        _launch_ranks(tp, options)
+    else:
+        _generate(**options)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+
+
+def _launch_ranks(tp: int, options: dict) -> None:
+    """W local processes in one process group (torch.multiprocessing, env:// rendezvous), each a rank."""
+    from grok_torch.distributed import backend_for, launch
+
+    import torch
+
+    if torch.device(options["device"]).type == "cuda" and torch.cuda.device_count() < tp:
+        raise UserError(f"--tp {tp} --device {options['device']}: {tp} ranks need {tp} CUDA devices, this host has "
+                        f"{torch.cuda.device_count()} (use --device cpu, a smaller --tp, or torchrun over several hosts)")
+    results = launch(_generate_rank, tp, tp, options, False, backend=backend_for(options["device"]))
+    failed = [r for r in results if r.error]
+    if failed:  # a rank's agreed error is the same on every rank: say it once
+        messages = list(dict.fromkeys(r.error.split(": ", 1)[-1] for r in failed))
+        raise UserError("; ".join(messages))
+
+
+def _generate_rank(rank: int, world: int, options: dict, from_env: bool) -> None:
+    """One rank of `generate --tp`: the same generation on every rank; rank 0 prints."""
+    from grok_torch.distributed import init_from_env
+
+    if from_env:
+        init_from_env(options["device"])
+    _generate(**options, tp=world, quiet=rank != 0)
+
+
+def _generate(*, path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
+              seed: int, tokenizer_path: Path | None, weights: str, dtype: str, truncate: bool, device: str,
+              numerics: str = "fast", threads: int | None = None, tp: int | None = None, quiet: bool = False) -> None:
+    """Load, encode, generate and print (nothing printed with `quiet`: the ranks other than 0)."""
+    import grok_torch
+    from grok_torch.generation import PromptTruncatedWarning, fit_prompts, generate
+    from grok_torch.tokenizer import StreamDecoder, Tokenizer, find_tokenizer
+
+    def echo(*args, **kwargs) -> None:
+        if not quiet:
+            click.echo(*args, **kwargs)
+
     tokenizer = Tokenizer(find_tokenizer(tokenizer_path, path)[0])
-    model = grok_torch.load(path, weights=weights, dtype=dtype, numerics=numerics, threads=threads)
+    model = grok_torch.load(path, weights=weights, dtype=dtype, numerics=numerics, threads=threads, device=device,
+                            tp=tp)
     tokenizer.check_model_vocab(model.config.vocab_size)
 
     encoded = [tokenizer.encode(text) for text in prompts]
@@ -78,7 +145,7 @@ def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_n
         warnings.simplefilter("always", PromptTruncatedWarning)
         fitted = fit_prompts(encoded, max_new_tokens, model.config.sequence_len, model.config.vocab_size, truncate)
     for warning in caught:
-        click.echo(f"Warning: {warning.message}", err=True)
+        echo(f"Warning: {warning.message}", err=True)
 
     single = len(prompts) == 1
     decoders = [StreamDecoder(tokenizer, prompt) for prompt in fitted]
@@ -86,16 +153,16 @@ def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_n
     def on_token(row: int, token: int) -> None:
         text = decoders[row].push(token)
         if single and text:
-            click.echo(text, nl=False)
+            echo(text, nl=False)
 
     def on_finish(row: int, reason: str) -> None:
         if single:
-            click.echo(decoders[row].flush())
+            echo(decoders[row].flush())
         else:  # a whole row at a time keeps a batch readable
-            click.echo(f"[{row + 1}] ({reason}) {tokenizer.decode(fitted[row])}{decoders[row].text}")
+            echo(f"[{row + 1}] ({reason}) {tokenizer.decode(fitted[row])}{decoders[row].text}")
 
     if single:
-        click.echo(tokenizer.decode(fitted[0]), nl=False)
+        echo(tokenizer.decode(fitted[0]), nl=False)
     result = generate(model, fitted, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       seed=seed, on_token=on_token, on_finish=on_finish)
-    click.echo(result.stats.summary())
+    echo(result.stats.summary())

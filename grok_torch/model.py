@@ -49,17 +49,52 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
         self.eps = eps
+        self.numerics = UPSTREAM  # set by Grok
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))
 
     def forward(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
         x32 = x.to(torch.float32)
         normed = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + self.eps)
-        return (self.weight.to(torch.float32) * normed).to(x.dtype)
+        return scale_normed(normed, self.weight, x.dtype, self.numerics)
+
+
+def scale_normed(normed: Float[Tensor, "*batch dim"], scale: Float[Tensor, "dim"], dtype: torch.dtype,
+                 numerics: Numerics) -> Float[Tensor, "*batch dim"]:
+    """RMSNorm's last step, normed (fp32) times the scale, rounded to `dtype`: upstream multiplies by the
+    fp32 scale and rounds once; the engines hold the scale in the activation dtype, and vLLM's kernel
+    rounds the normalised value before it multiplies (see grok_torch.numerics)."""
+    if numerics.norm_scale_in_activation_dtype:
+        scale = scale.to(dtype)
+    if numerics.norm_rounds_before_scale:
+        normed = normed.to(dtype)
+    return (scale.to(torch.float32) * normed.to(torch.float32)).to(dtype)
 
 
 def expert_activation(x: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch"]:
     """jax.nn.gelu's default: the tanh approximation, not the exact erf form."""
     return F.gelu(x, approximate="tanh")
+
+
+def erf_gelu(x: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch"]:
+    """The exact GELU, x * Phi(x): what the engines' fused MoE "gelu" computes (numerics expert_gelu="erf")."""
+    return F.gelu(x, approximate="none")
+
+
+def gated_product(up: Float[Tensor, "tokens ffn"], gate: Float[Tensor, "tokens ffn"], dtype: torch.dtype,
+                  numerics: Numerics) -> Float[Tensor, "tokens ffn"]:
+    """up * gelu(gate) in fp32, the down projection's input. Upstream keeps it fp32; the engines' fused
+    act-and-mul stores it in the activation dtype."""
+    if numerics.expert_gelu not in ("tanh", "erf"):
+        raise ValueError(f"expert_gelu must be tanh or erf, got {numerics.expert_gelu!r}")
+    hidden = up * (expert_activation(gate) if numerics.expert_gelu == "tanh" else erf_gelu(gate))
+    return hidden.to(dtype).to(torch.float32) if numerics.round_gated_product else hidden
+
+
+def expert_weights(gates: Float[Tensor, "tokens k"], dtype: torch.dtype,
+                   numerics: Numerics) -> Float[Tensor, "tokens k"]:
+    """The gates that weight the fp32 expert outputs: upstream rounds them to the activation dtype first,
+    the engines' fused MoE multiplies its fp32 top-k weights."""
+    return gates.to(dtype).to(torch.float32) if numerics.round_gates else gates
 
 
 def soft_cap(logits: Float[Tensor, "*batch"], cap: float) -> Float[Tensor, "*batch"]:
@@ -70,6 +105,14 @@ def soft_cap(logits: Float[Tensor, "*batch"], cap: float) -> Float[Tensor, "*bat
 def select_experts(probs: Float[Tensor, "tokens experts"], k: int) -> tuple[Float[Tensor, "tokens k"], Int[Tensor, "tokens k"]]:
     """Top-k experts by router probability; the gates are the raw probabilities (not renormalised)."""
     return torch.topk(probs, k, dim=-1)
+
+
+def choose_experts(probs: Float[Tensor, "tokens experts"], k: int,
+                   numerics: Numerics) -> tuple[Float[Tensor, "tokens k"], Int[Tensor, "tokens k"]]:
+    """select_experts, then with `renormalize_gates` the gates divided by their sum (older vLLM's FusedMoE
+    default renormalize=True); the same experts either way."""
+    gates, experts = select_experts(probs, k)
+    return (gates / gates.sum(dim=-1, keepdim=True) if numerics.renormalize_gates else gates), experts
 
 
 def rotate_half(x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
@@ -87,6 +130,26 @@ def apply_rope(x: Float[Tensor, "batch seq heads head_dim"], offset: int, base: 
     positions = torch.arange(seq, dtype=torch.float32, device=x.device) + offset
     phase = torch.outer(positions, inv_freq).repeat(1, 2)[None, :, None, :]  # [1, T, 1, K]
     return (x * torch.cos(phase) + rotate_half(x) * torch.sin(phase)).to(x.dtype)
+
+
+def apply_rope_in_activation_dtype(x: Float[Tensor, "batch seq heads head_dim"], offset: int,
+                                   base: int) -> Float[Tensor, "batch seq heads head_dim"]:
+    """apply_rope as vLLM computes it: the same fp32 phase, but cos/sin tables stored in the input dtype and
+    the rotation x*cos - y*sin done in it, every product and the sum rounded."""
+    head_dim, seq = x.shape[-1], x.shape[1]
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device)
+    inv_freq = 1.0 / (base ** (exponents / head_dim))
+    positions = torch.arange(seq, dtype=torch.float32, device=x.device) + offset
+    phase = torch.outer(positions, inv_freq).repeat(1, 2)[None, :, None, :]  # [1, T, 1, K]
+    return x * torch.cos(phase).to(x.dtype) + rotate_half(x) * torch.sin(phase).to(x.dtype)
+
+
+def rope(x: Float[Tensor, "batch seq heads head_dim"], offset: int, base: int,
+         numerics: Numerics) -> Float[Tensor, "batch seq heads head_dim"]:
+    """RoPE in the numerics mode's precision: upstream's apply_rope, or the engines' (rope_in_activation_dtype)."""
+    if numerics.rope_in_activation_dtype:
+        return apply_rope_in_activation_dtype(x, offset, base)
+    return apply_rope(x, offset, base)
 
 
 @dataclass
@@ -135,6 +198,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, config.num_kv_heads * k, weights=weights, device=device)
         self.v_proj = Linear(d, config.num_kv_heads * k, weights=weights, device=device)
         self.o_proj = Linear(config.num_q_heads * k, d, weights=weights, scale_groups=config.model_shards, device=device)
+        self.tp = None  # grok_torch.tp: sums the row-split o_proj's partial outputs over the ranks
 
     def forward(self, x: Float[Tensor, "batch seq dim"], key_valid: Bool[Tensor, "batch seq"],
                 cache: KVCache | None = None, layer: int = 0, record: Record = None,
@@ -146,8 +210,8 @@ class Attention(nn.Module):
         _put(record, prefix + "k_proj", k)
         _put(record, prefix + "v_proj", v)
         offset = cache.length if cache is not None else 0
-        q = apply_rope(q.view(batch, seq, cfg.num_q_heads, cfg.key_size), offset, cfg.rope_base_exponent)
-        k = apply_rope(k.view(batch, seq, cfg.num_kv_heads, cfg.key_size), offset, cfg.rope_base_exponent)
+        q = rope(q.view(batch, seq, cfg.num_q_heads, cfg.key_size), offset, cfg.rope_base_exponent, self.numerics)
+        k = rope(k.view(batch, seq, cfg.num_kv_heads, cfg.key_size), offset, cfg.rope_base_exponent, self.numerics)
         v = v.view(batch, seq, cfg.num_kv_heads, cfg.key_size)
         if cache is not None:
             end = offset + seq
@@ -166,7 +230,7 @@ class Attention(nn.Module):
         context = kernels.attention(q, k, v, mask, cfg.attn_output_multiplier, cfg.attn_logit_softcap, MASK_VALUE,
                                     soft_cap, fp32_dots=fp32_dots).reshape(batch, seq, -1)
         _put(record, prefix + "attn_context", context)
-        return self.o_proj(context)
+        return self.o_proj(context) if self.tp is None else self.tp.row_parallel(self.o_proj, context)
 
 
 def _expert_hidden_in_activation_dtype(numerics: Numerics, x: Tensor) -> bool:
@@ -189,10 +253,14 @@ class MoE(nn.Module):
         # haiku `linear_1`; upstream keeps its dequantized product exact (see convert.upstream.param_names).
         self.down_proj = Linear(f, d, weights=weights, stack=(e,), scale_groups=config.model_shards,
                                 dequant_rounds_to_bf16=False, device=device)
+        self.tp = None  # grok_torch.tp: sums the row-split experts' fp32 partial outputs over the ranks
 
     def route(self, x: Float[Tensor, "tokens dim"]) -> tuple[Float[Tensor, "tokens experts"], Float[Tensor, "tokens experts"]]:
         """Router logits and softmax probabilities, both fp32. Padding is not masked (upstream's MoE
-        never receives the padding mask)."""
+        never receives the padding mask). The engines' routers differ (engine_router_logits)."""
+        if self.numerics.router_in_activation_dtype or self.numerics.router_softcap > 0:
+            logits = engine_router_logits(x, self.router.weight, self.numerics).to(torch.float32)
+            return logits, torch.softmax(logits, dim=-1)
         logits = F.linear(x.to(torch.float32), self.router.weight.to(torch.float32))
         return logits, torch.softmax(logits, dim=-1)
 
@@ -205,24 +273,34 @@ class MoE(nn.Module):
             return self.down_proj(self.up_proj(x, index) * expert_activation(self.gate_proj(x, index)), index)
         gate = self.gate_proj(x, index).to(torch.float32)
         up = self.up_proj(x, index).to(torch.float32)
-        hidden = up * expert_activation(gate)
+        hidden = gated_product(up, gate, x.dtype, self.numerics)
+        if self.numerics.round_down_proj:  # engines: linear_1 held in the activation dtype
+            return F.linear(hidden, self.down_weight(index, x.dtype))
         return self.down_proj(hidden, index)  # fp32 activations: an fp32 matmul with the exact product
+
+    def down_weight(self, index: int, dtype: torch.dtype) -> Float[Tensor, "dim ffn"]:
+        """linear_1 of one expert in fp32: upstream's exact dequantized product, or (engines, whose export and
+        fused MoE hold it in bf16) that product rounded to the activation dtype."""
+        weight = self.down_proj.materialize(torch.float32, index)
+        return weight.to(dtype).to(torch.float32) if self.numerics.round_down_proj else weight
 
     def forward(self, x: Float[Tensor, "batch seq dim"], record: Record = None,
                 prefix: str = "") -> Float[Tensor, "batch seq dim"]:
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         logits, probs = self.route(flat)
-        gates, experts = select_experts(probs, self.config.num_selected_experts)
+        gates, experts = choose_experts(probs, self.config.num_selected_experts, self.numerics)
         _put(record, prefix + "router_logits", logits.view(batch, seq, -1))
         _put(record, prefix + "router_probs", probs.view(batch, seq, -1))
         _put(record, prefix + "expert_index", experts.view(batch, seq, -1).to(torch.int32))
         _put(record, prefix + "expert_gate", gates.view(batch, seq, -1))
         # Upstream rounds the gates to the activation dtype before weighting the fp32 expert outputs.
-        gates = gates.to(x.dtype).to(torch.float32)
+        gates = expert_weights(gates, x.dtype, self.numerics)
         out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
         token, contributions = self.dispatch(flat, experts, gates)
         out.index_add_(0, token, contributions)
+        if self.tp is not None:
+            out = self.tp.all_reduce(out)
         return out.to(x.dtype).view(batch, seq, dim)
 
     def dispatch(self, flat: Float[Tensor, "tokens dim"], experts: Int[Tensor, "tokens k"],
@@ -297,6 +375,40 @@ def tied_output_projection(h: Float[Tensor, "batch seq dim"], embedding: Float[T
     return total.to(h.dtype)
 
 
+def engine_router_logits(x: Float[Tensor, "tokens dim"], weight: Float[Tensor, "experts dim"],
+                         numerics: Numerics) -> Float[Tensor, "tokens experts"]:
+    """The engines' router logits: vLLM's gate is a bf16 linear (bf16 weight and logits), SGLang's an fp32
+    dot; then `router_softcap` * tanh(logits / cap) in the logits' dtype, if a cap is set."""
+    if numerics.router_in_activation_dtype:
+        logits = bf16_linear(x, weight.to(x.dtype))
+    else:
+        logits = F.linear(x.to(torch.float32), weight.to(torch.float32))
+    return soft_cap(logits, numerics.router_softcap) if numerics.router_softcap > 0 else logits
+
+
+def apply_multiplier(x: Float[Tensor, "*batch"], value: float, how: str) -> Float[Tensor, "*batch"]:
+    """x times a Python-float multiplier: "rounded" to x's dtype first (upstream), or "exact" (the engines
+    multiply a bf16 tensor by the Python float: an fp32 product rounded once)."""
+    if how == "rounded":
+        return x * activation_dtype_multiplier(value, x)
+    if how == "exact":
+        return (x.to(torch.float32) * torch.tensor(value, dtype=torch.float32, device=x.device)).to(x.dtype)
+    raise ValueError(f"a multiplier is applied rounded or exact, got {how!r}")
+
+
+def output_head(h: Float[Tensor, "batch seq dim"], embedding: Float[Tensor, "vocab dim"], config: GrokConfig,
+                numerics: Numerics) -> Float[Tensor, "batch seq vocab"]:
+    """The tied projection times output_multiplier_scale: upstream's sharded partial sums, or one GEMM (the
+    engines' vocab-parallel lm_head); the multiplier applied to the logits, or "folded" into the head's
+    weights at load (SGLang: bf16(embedding * scale), then no multiplier)."""
+    shards = config.model_shards if numerics.head_partial_sums else 1
+    if numerics.output_multiplier == "folded":
+        scale = torch.tensor(config.output_multiplier_scale, dtype=torch.float32, device=h.device)
+        return tied_output_projection(h, (embedding.to(torch.float32) * scale).to(embedding.dtype), shards)
+    logits = tied_output_projection(h, embedding, shards)
+    return apply_multiplier(logits, config.output_multiplier_scale, numerics.output_multiplier)
+
+
 class GrokOutput(NamedTuple):
     logits: Tensor  # [B, T, V]
     hidden_states: tuple[Tensor, ...]  # the embeddings, then each layer's output: L + 1 of [B, T, D]
@@ -328,6 +440,7 @@ class Grok(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, weights, device) for i in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.rms_norm_eps, device)  # language_model/rms_norm
         self.numerics = resolve(numerics)
+        self.tp = None  # grok_torch.tp.TensorParallel of a sharded model: vocab-split embedding and head
 
     @property
     def numerics(self) -> Numerics:
@@ -365,8 +478,8 @@ class Grok(nn.Module):
                    if not name.endswith(".scales"))
 
     def embed(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq dim"]:
-        x = self.embedding(tokens).to(self.dtype)
-        return x * activation_dtype_multiplier(self.config.embedding_multiplier_scale, x)
+        x = self.embedding(tokens).to(self.dtype) if self.tp is None else self.tp.embed(self.embedding, tokens, self.dtype)
+        return apply_multiplier(x, self.config.embedding_multiplier_scale, self.numerics.embedding_multiplier)
 
     def head(self, h: Float[Tensor, "batch seq dim"], record: Record = None) -> Float[Tensor, "batch seq vocab"]:
         """Final RMSNorm and the tied output projection, times the output multiplier."""
@@ -374,9 +487,11 @@ class Grok(nn.Module):
         _put(record, "final_norm", h)
         if self.numerics.bf16_matmul == "native":  # one GEMM, no fp32 copy of the table
             logits = kernels.linear(h, self.embedding.weight, kernels.uses_native("native", h))
+            logits = apply_multiplier(logits, self.config.output_multiplier_scale, self.numerics.output_multiplier)
         else:
-            logits = tied_output_projection(h, self.embedding.weight, self.config.model_shards)
-        return logits * activation_dtype_multiplier(self.config.output_multiplier_scale, logits)
+            logits = output_head(h, self.embedding.weight, self.config, self.numerics)
+        # Under tensor parallelism each rank holds a slice of the vocabulary: gather the full logits.
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     def key_valid(self, tokens: Int[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:
         """Real tokens; a token <= pad_token is padding and is masked as a key."""
@@ -384,7 +499,8 @@ class Grok(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         device = self.embedding.weight.device
-        return KVCache.empty(self.config, batch, max_len or self.config.sequence_len, self.dtype, device)
+        config = self.config if self.tp is None else self.tp.attention_config  # a rank caches its kv heads
+        return KVCache.empty(config, batch, max_len or self.config.sequence_len, self.dtype, device)
 
     def forward(self, tokens: Int[Tensor, "batch seq"], cache: KVCache | None = None, *,
                 record: Record = None) -> Float[Tensor, "batch seq vocab"]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Numerics", "PRESETS", "DEFAULT", "resolve"]
+__all__ = ["Numerics", "PRESETS", "ENGINE_PRESETS", "DEFAULT", "resolve", "decisions"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,22 @@ class Numerics:
 
     name: str
     summary: str
+    # ---- the serving engines' decisions (grok_torch.numerics.ENGINE_PRESETS says who makes which) ----
+    # "Activation dtype" below is the compute dtype (bf16 in a bf16 run): the engines keep their
+    # parameters and activations in the model dtype where upstream keeps fp32.
+    expert_gelu: str = "tanh"  # "tanh" (jax.nn.gelu's default) | "erf" (exact GELU)
+    router_in_activation_dtype: bool = False  # router weight and logits in the activation dtype, not fp32
+    router_softcap: float = 0.0  # > 0: router logits become cap * tanh(logits / cap) before the softmax
+    renormalize_gates: bool = False  # the top-k gates divided by their sum (upstream: raw probabilities)
+    round_gates: bool = True  # gates rounded to the activation dtype before weighting the expert outputs
+    round_gated_product: bool = False  # gelu(x @ linear) * (x @ linear_v) rounded to the activation dtype
+    round_down_proj: bool = False  # linear_1's dequantized weight rounded to the activation dtype
+    embedding_multiplier: str = "rounded"  # "rounded" to the activation dtype (78.5 in bf16) | "exact" (fp32)
+    output_multiplier: str = "rounded"  # "rounded" (0.578125 in bf16) | "exact" (fp32) | "folded" into the head
+    head_partial_sums: bool = True  # the output head summed over model_shards bf16 partials (upstream's mesh)
+    norm_scale_in_activation_dtype: bool = False  # RMSNorm scale rounded to the activation dtype
+    norm_rounds_before_scale: bool = False  # x * rsqrt(...) rounded before it is multiplied by the scale
+    rope_in_activation_dtype: bool = False  # cos/sin tables and the rotation's products in the activation dtype
     # Fields below were added with the "fast" mode; each default is upstream's choice.
     # bf16 x bf16 matmuls: "fp32" sums the fp32 products and rounds once (XLA's CPU result, bit for bit);
     # "native" uses torch's bf16 GEMM where the hardware has bf16 dot units (CUDA, AVX512-BF16, AMX) and
@@ -41,6 +57,65 @@ UPSTREAM = Numerics(
     summary="every cast as upstream's JAX forward (bit-exact to it on the CPU)",
 )
 
+# What the serving engines compute for Grok-1, as read in their code (ENGINES.md, ../shared/grok1/, has the
+# loader facts). vLLM, vllm-project/vllm vllm/model_executor/models/grok1.py @048a32c7 (checked in that file):
+# embed_input_ids multiplies the bf16 embeddings by the Python float embedding_multiplier_scale; the
+# router `gate` is a ReplicatedLinear in the model dtype (the fp32 router is cast to bf16 at load), its
+# logits capped by router_logit_softcapping (the export writes 0: no cap) and passed to FusedMoE with
+# renormalize = moe_router_renormalize (the export writes false) and activation "gelu", which is the exact
+# erf form (csrc/activation_kernels.cu @00ccbd42, per ENGINES.md); the fused MoE writes gelu(x)*y in bf16
+# (act-and-mul output), multiplies the fp32 top-k weights inside its down-projection GEMM (fused_moe.py's
+# routed-weight multiply; known, not re-read at a commit here), and runs on the export's bf16 linear_1; LogitsProcessor(scale=output_multiplier_scale) multiplies the bf16 logits of the
+# vocab-parallel lm_head (one GEMM, no per-shard partials) by the Python float (`logits *= self.scale`,
+# layers/logits_processor.py, code search, commit not identified). Its RMSNorm kernel
+# (csrc/layernorm_kernels.cu rms_norm_kernel, read by code search, commit not identified) computes
+# (bf16)(x * rsqrt(var + eps)) * weight with a bf16 weight: two roundings. Its RotaryEmbedding
+# (rotary_embedding/base.py, code search, commit not identified) stores cos_sin_cache in the model dtype and
+# rotates in it (x * cos - y * sin, each product and the sum rounded).
+# The older grok1.py (@02082de9, per ENGINES.md) hard-codes 30 * tanh(logits / 30) on the router and
+# FusedMoE's default renormalize=True, whatever config.json says: "vllm-legacy".
+# SGLang, sgl-project/sglang python/sglang/srt/models/grok.py @031ad4ce + layers/moe/router.py @4eab61ce (per
+# ENGINES.md; the index holds only the 2024 grok.py): an fp32 router dot with the fp32 gate, a hard-coded
+# 30 * tanh cap in fp32, softmax and top-k without renormalisation; the same "gelu" (erf) fused MoE; the
+# embedding times the exact float; output_multiplier_scale folded into lm_head's bf16 weights at load (one
+# more rounding, then no multiplier); its fused MoE weights the experts with the fp32 top-k weights (as vLLM's).
+# Its norms run sgl-kernel/flashinfer RMSNorm (assumed to be RMSNorm.forward_cuda's kernel), float(x) * rms_rcp *
+# float(weight) rounded once with a bf16 weight (flashinfer norm.cuh, code search, commit not identified); its
+# RoPE keeps cos_sin_cache in fp32 on CUDA and rotates in fp32, rounding once (layers/rotary_embedding.py,
+# code search, commit not identified): upstream's.
+# Not modelled (kernel internals, outside these decisions): the attention kernels' unrounded fp32 QK^T and
+# online softmax, the fused MoE's per-expert bf16 outputs and their bf16 sum, GEMM accumulation orders, and
+# flashinfer's fused add-RMSNorm normalising the unrounded fp32 residual sum (whether SGLang's grok.py uses
+# it was not checked).
+_ENGINE = dict(expert_gelu="erf", round_gates=False, round_gated_product=True, round_down_proj=True,
+               embedding_multiplier="exact", head_partial_sums=False, norm_scale_in_activation_dtype=True)
+
+VLLM = Numerics(
+    name="vllm",
+    summary="vLLM's Grok-1 (grok1.py @048a32c7) on grok-torch's export: erf GELU, bf16 router, bf16 x*gelu(y) "
+            "and linear_1, exact multipliers, bf16 norm scales and RoPE tables",
+    **_ENGINE, router_in_activation_dtype=True, output_multiplier="exact", norm_rounds_before_scale=True,
+    rope_in_activation_dtype=True,
+)
+
+VLLM_LEGACY = Numerics(
+    name="vllm-legacy",
+    summary="vLLM's older Grok-1 (grok1.py @02082de9): as vllm, plus a hard-coded 30*tanh router cap and "
+            "renormalised top-2 gates",
+    **_ENGINE, router_in_activation_dtype=True, output_multiplier="exact", norm_rounds_before_scale=True,
+    rope_in_activation_dtype=True, router_softcap=30.0, renormalize_gates=True,
+)
+
+SGLANG = Numerics(
+    name="sglang",
+    summary="SGLang's Grok-1 (grok.py @031ad4ce): erf GELU, fp32 router with a 30*tanh cap, bf16 x*gelu(y) "
+            "and linear_1, exact embedding multiplier, output multiplier folded into lm_head, bf16 norm scales",
+    **_ENGINE, router_softcap=30.0, output_multiplier="folded",
+)
+
+ENGINE_PRESETS: dict[str, Numerics] = {n.name: n for n in (VLLM, VLLM_LEGACY, SGLANG)}
+
+
 FAST = Numerics(
     name="fast",
     summary="int8 weight-only kernels, blocked matmuls, native bf16 GEMMs where the hardware has them "
@@ -51,6 +126,7 @@ FAST = Numerics(
 )
 
 PRESETS: dict[str, Numerics] = {n.name: n for n in (UPSTREAM, FAST)}
+PRESETS.update(ENGINE_PRESETS)
 
 # What users get when they do not choose (load, from_state_dict, Grok, generate); the parity harness and
 # the golden tests ask for "upstream" by name.
@@ -67,3 +143,11 @@ def resolve(numerics: str | Numerics | None, default: str = DEFAULT) -> Numerics
         return PRESETS[numerics]
     except KeyError:
         raise ValueError(f"numerics must be one of {', '.join(PRESETS)}, got {numerics!r}") from None
+
+
+def decisions(mode: Numerics) -> dict[str, object]:
+    """The decisions in which `mode` differs from upstream's: {field: value}."""
+    from dataclasses import fields
+
+    return {f.name: getattr(mode, f.name) for f in fields(Numerics)
+            if f.name not in ("name", "summary") and getattr(mode, f.name) != f.default}

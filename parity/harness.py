@@ -287,3 +287,93 @@ def run_golden(golden_dir: str | Path, *, state: dict[str, torch.Tensor] | None 
         model_hook(model)
     runs = compare_model(model, tokens, ref, "bf16")
     return ParityReport(f"golden {Path(golden_dir).name}", config, "bf16", runs, {"golden_dir": str(golden_dir)})
+
+
+# ---- tensor parallelism: the same comparisons, grok_torch sharded over W local processes -------------------
+
+def gathered_activations(model: Grok, ours: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A sharded model's record with its head-split intermediates gathered to the full width (every rank
+    takes part; a whole model's record is returned as it is)."""
+    if getattr(model, "tp", None) is None:
+        return ours
+    from grok_torch.tp import gather_record
+
+    tensors = {name: torch.as_tensor(value) for name, value in ours.items()}
+    return _to_numpy(gather_record(tensors, model.tp))
+
+
+def torch_activations_tp(model: Grok, tokens: np.ndarray, ref: dict[str, np.ndarray],
+                         modes: tuple[str, ...] = MODES) -> dict[str, dict[str, np.ndarray]]:
+    """{mode: grok_torch's full-width activations} of this rank's (sharded) model; every rank calls it."""
+    runs = {}
+    for mode in modes:
+        ours = torch_end_to_end(model, tokens) if mode == "end_to_end" else torch_teacher_forced(model, tokens, ref)
+        runs[mode] = gathered_activations(model, ours)
+    return runs
+
+
+def _tp_rank(rank: int, world: int, payload_path: str, dtype: str) -> dict | None:
+    """One rank of a parity run: the whole model from the payload's state, sharded, run in both modes."""
+    import torch.distributed as dist
+
+    from grok_torch.tp import shard
+
+    payload = torch.load(payload_path, weights_only=False)
+    config = GrokConfig.from_dict(payload["config"])
+    model = from_state_dict(payload["state"], config, dtype=dtype, numerics="upstream")
+    shard(model, rank, world, dist.group.WORLD)
+    del payload["state"]
+    runs = torch_activations_tp(model, payload["tokens"], payload["ref"])
+    return runs if rank == 0 else None
+
+
+def compare_model_tp(state: dict[str, torch.Tensor], config: GrokConfig, tokens: np.ndarray,
+                     ref: dict[str, np.ndarray], dtype: str, tp: int) -> dict[str, ParityRun]:
+    """compare_model for grok_torch sharded over `tp` local gloo processes built from `state`."""
+    import tempfile
+
+    from grok_torch.distributed import launch
+
+    with tempfile.TemporaryDirectory(prefix="grok-torch-tp-") as tmp:
+        path = str(Path(tmp) / "payload.pt")
+        torch.save({"state": state, "config": config.to_dict(), "tokens": tokens, "ref": ref}, path)
+        results = launch(_tp_rank, tp, tp, path, dtype)
+    failed = [r for r in results if r.error]
+    if failed:
+        raise RuntimeError("; ".join(f"rank {r.rank}: {r.error}" for r in failed))
+    ours = results[0].value
+    return {mode: compare_activations(ours[mode], ref, config, tokens, dtype, mode) for mode in ours}
+
+
+def run_parity_tp(config: GrokConfig, *, tp: int, dtype: str = "fp32", seed: int = 0, weights: str = "int8",
+                  quantize_attention: bool = True, quantize_moe: bool = True, seq_len: int = 256,
+                  batch: int = 4) -> ParityReport:
+    """run_parity with grok_torch sharded over `tp` ranks (gloo, local processes); the reference runs once,
+    in this process."""
+    from convert.upstream.tree import haiku_tree_to_state_dict
+    from grok_torch.tp import check_degree
+    from parity.init import init_params
+    from parity.reference import reference_forward
+
+    check_degree(config, tp)
+    quantized = weights == "int8"
+    params = init_params(config, seed=seed, quantize_attention=quantize_attention and quantized,
+                         quantize_moe=quantize_moe and quantized, float_dtype=weights if not quantized else "fp32")
+    tokens = parity_tokens(config, seed=seed, batch=batch, seq_len=seq_len)
+    _, ref = reference_forward(params, tokens, config, fprop_dtype=dtype, capture=True)
+    start = time.perf_counter()
+    runs = compare_model_tp(haiku_tree_to_state_dict(params, config), config, tokens, ref, dtype, tp)
+    details = {"seed": seed, "weights": weights, "quantize_attention": quantize_attention, "quantize_moe": quantize_moe,
+               "tokens_shape": list(tokens.shape), "tp": tp, "timings": {"torch_and_compare_s": time.perf_counter() - start}}
+    return ParityReport(f"haiku reference, grok_torch over tp={tp}", config, dtype, runs, details)
+
+
+def run_golden_tp(golden_dir: str | Path, *, tp: int) -> ParityReport:
+    """run_golden with grok_torch sharded over `tp` ranks (gloo, local processes)."""
+    from grok_torch.tp import check_degree
+
+    config, state, tokens, ref = load_golden(golden_dir)
+    check_degree(config, tp)
+    runs = compare_model_tp(state, config, tokens, ref, "bf16", tp)
+    return ParityReport(f"golden {Path(golden_dir).name}, grok_torch over tp={tp}", config, "bf16", runs,
+                        {"golden_dir": str(golden_dir), "tp": tp})
