@@ -40,6 +40,12 @@ class _FiniteFloat(click.FloatRange):
                    "(weight-only quantized matmuls, needs an int8 conversion), bf16/fp32 dequantize them.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="Compute dtype (bf16 is upstream's).")
+@click.option("--numerics", type=click.Choice(["fast", "upstream"]), default="fast", show_default=True,
+              help="Numerics mode: fast (int8 weight-only kernels, blocked matmuls, native bf16 GEMMs where the "
+                   "hardware has them; README: Fidelity, measured) "
+                   "or upstream (every cast as upstream's JAX forward, bit-exact to it on the CPU).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads torch computes with [default: one per physical core this process may use].")
 @click.option("--truncate", is_flag=True,
               help="Left-truncate prompts too long for the model's sequence_len instead of refusing them.")
 @click.option("--device", default="cpu", show_default=True,
@@ -50,8 +56,8 @@ class _FiniteFloat(click.FloatRange):
 @click.pass_context
 @cli_errors
 def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, tokenizer_path: Path | None, weights: str, dtype: str, truncate: bool, device: str,
-                 tp: int | None) -> None:
+                 seed: int, tokenizer_path: Path | None, weights: str, dtype: str, numerics: str, threads: int | None,
+                 truncate: bool, device: str, tp: int | None) -> None:
     """Continue each --prompt with the model in the converted directory PATH.
 
     One prompt streams its continuation as it is produced; several print each row, labelled, as it
@@ -68,7 +74,7 @@ def generate_cmd(ctx: click.Context, path: Path, prompts: tuple[str, ...], max_n
     _check_device(device)
     options = dict(path=path, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    seed=seed, tokenizer_path=tokenizer_path, weights=weights, dtype=dtype, truncate=truncate,
-                   device=device)
+                   device=device, numerics=numerics, threads=threads)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         world = int(os.environ["WORLD_SIZE"])
         if tp is not None and tp != world:
@@ -119,7 +125,7 @@ def _generate_rank(rank: int, world: int, options: dict, from_env: bool) -> None
 
 def _generate(*, path: Path, prompts: tuple[str, ...], max_new_tokens: int, temperature: float, top_p: float,
               seed: int, tokenizer_path: Path | None, weights: str, dtype: str, truncate: bool, device: str,
-              tp: int | None = None, quiet: bool = False) -> None:
+              numerics: str = "fast", threads: int | None = None, tp: int | None = None, quiet: bool = False) -> None:
     """Load, encode, generate and print (nothing printed with `quiet`: the ranks other than 0)."""
     import grok_torch
     from grok_torch.generation import PromptTruncatedWarning, fit_prompts, generate
@@ -130,7 +136,8 @@ def _generate(*, path: Path, prompts: tuple[str, ...], max_new_tokens: int, temp
             click.echo(*args, **kwargs)
 
     tokenizer = Tokenizer(find_tokenizer(tokenizer_path, path)[0])
-    model = grok_torch.load(path, weights=weights, dtype=dtype, device=device, tp=tp)
+    model = grok_torch.load(path, weights=weights, dtype=dtype, numerics=numerics, threads=threads, device=device,
+                            tp=tp)
     tokenizer.check_model_vocab(model.config.vocab_size)
 
     encoded = [tokenizer.encode(text) for text in prompts]

@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from grok_torch.model import Grok, KVCache
+from grok_torch.numerics import Numerics
 from grok_torch.sampling import check_temperature, sample_next
 
 
@@ -135,7 +136,8 @@ def generate(model: Grok, prompts: list[list[int]], *, max_new_tokens: int = 100
              top_p: float = 1.0, seed: int = 42, eos_token: int | None = None,
              on_token: Callable[[int, int], None] | None = None,
              on_finish: Callable[[int, str], None] | None = None,
-             truncate: bool = False, prefill_chunk: int | None = 512) -> GenerationResult:
+             truncate: bool = False, prefill_chunk: int | None = 512,
+             numerics: str | Numerics | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after each prompt (lists of token ids, no BOS needed).
 
     temperature 0 is greedy; top_p is upstream's nucleus rule; `seed` seeds the draws (a CPU
@@ -144,8 +146,19 @@ def generate(model: Grok, prompts: list[list[int]], *, max_new_tokens: int = 100
     produced (not for EOS), on_finish(row, reason) when a row stops ("eos" or "length").
     A prompt with len(prompt) + max_new_tokens > sequence_len raises GenerationError, or with
     `truncate` is left-truncated with a PromptTruncatedWarning. prefill_chunk bounds the prefill's
-    logits memory (None: one pass).
+    logits memory (None: one pass). numerics: the numerics mode for this call ("fast" or "upstream";
+    None: the model's own, which is "fast" unless chosen otherwise at load); the model's mode is
+    restored afterwards.
     """
+    if numerics is not None:
+        before = model.numerics
+        model.numerics = numerics
+        try:
+            return generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            seed=seed, eos_token=eos_token, on_token=on_token, on_finish=on_finish,
+                            truncate=truncate, prefill_chunk=prefill_chunk)
+        finally:
+            model.numerics = before
     config = model.config
     try:
         check_temperature(temperature)

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int8, BFloat16
 from torch import Tensor, nn
 
+from grok_torch import kernels
+from grok_torch.numerics import UPSTREAM
+
 WEIGHT_DTYPES = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -40,7 +43,9 @@ def bf16_linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"]
     native bf16 GEMM (fp32 accumulation too, at full speed).
     """
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return F.linear(x.to(torch.float32), weight.to(torch.float32)).to(torch.bfloat16)
+        # The same fp32 products and sums, on one block of the weight at a time (grok_torch.kernels):
+        # no fp32 copy of the whole weight (measured bit-identical to the whole-matrix form).
+        return kernels.linear(x, weight, native=False)
     return F.linear(x, weight)
 
 
@@ -51,6 +56,7 @@ class Linear(nn.Module):
                  scale_groups: int = 1, dequant_rounds_to_bf16: bool = True,
                  device: torch.device | str | None = None):
         super().__init__()
+        self.numerics = UPSTREAM  # set by Grok (a plain attribute: how to compute, not state)
         self.dequant_rounds_to_bf16 = dequant_rounds_to_bf16
         if weights not in WEIGHT_DTYPES:
             raise ValueError(f"weights must be one of {sorted(WEIGHT_DTYPES)}, got {weights!r}")
@@ -128,6 +134,18 @@ class Linear(nn.Module):
         return dequantize(weight, scales, self.dequant_rounds_to_bf16).to(dtype)
 
     def forward(self, x: Float[Tensor, "*batch inp"], index: int | None = None) -> Float[Tensor, "*batch out"]:
+        mode = self.numerics
+        native = kernels.uses_native(mode.bf16_matmul, x)
+        if self.quantized and (index is not None or self.weight.dim() == 2) \
+                and (mode.int8_matmul == "kernel" or x.device.type == "cpu"):
+            # Upstream's numerics on the CPU too: the values of materialize(), one block at a time.
+            weight = self.weight if index is None else self.weight[index]
+            scales = self.scales if index is None else self.scales[index]
+            kernel = mode.int8_matmul == "kernel"
+            return kernels.int8_linear(x, weight, scales, self.dequant_rounds_to_bf16, native, int8_kernel=kernel,
+                                       dequantize=None if kernel else dequantize)
+        if mode.bf16_matmul == "native":
+            return kernels.linear(x, self.materialize(x.dtype, index), native)
         return bf16_linear(x, self.materialize(x.dtype, index))
 
     def extra_repr(self) -> str:

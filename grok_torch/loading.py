@@ -105,8 +105,9 @@ def from_state_dict(state: dict[str, torch.Tensor], config: GrokConfig, *, weigh
 
     weights: None keeps each linear as `state` has it (int8 + scales, or float); "bf16", "bf16-plain", "fp32"
     dequantize the int8 ones with upstream's rounding (grok_torch.weight_layouts: "bf16" keeps the MoE down
-    projections int8 + scales, so it is as faithful as int8); "int8" requires them to be int8. `dtype` is the compute dtype,
-    `numerics` the numerics mode (grok_torch.numerics; "upstream" by default).
+    projections int8 + scales, so it is as faithful as int8); "int8" requires them to be int8. `dtype` is the
+    compute dtype, `numerics` the numerics mode (grok_torch.numerics; "fast" by default, "upstream" for
+    upstream's bits).
     Missing, unexpected or mistyped tensors raise LoadError naming them (`where` says whose they are).
     """
     if weights is not None and weights not in WEIGHT_FORMATS:
@@ -137,14 +138,16 @@ def _fill(model: Grok, state: dict[str, torch.Tensor], *, weights: str | None, d
 
 def load(path: str | os.PathLike, *, weights: str | None = None, dtype: str = "bf16",
          numerics: str | Numerics | None = None, device: str | torch.device = "cpu", verify: bool = False,
-         tp: int | None = None) -> Grok:
+         threads: int | None = None, tp: int | None = None) -> Grok:
     """Build a Grok model from a converted directory.
 
     weights: None (the default) keeps what the directory stores: int8 + bf16 scales for an int8
     conversion (weight-only quantized matmuls); "bf16" (the MoE down projections kept int8 + scales: as
     faithful as int8), "bf16-plain" (all bf16: less faithful) or "fp32" dequantize them; "int8" requires an int8
     directory. dtype: the compute dtype, "bf16" or "fp32". numerics: the numerics mode (grok_torch.numerics;
-    "upstream" by default). The directory is read by ConvertedDir, which
+    "fast" by default, "upstream" for upstream's bits). threads: torch's CPU threads from now on (None: one
+    per physical core, grok_torch.threads; with tp, None keeps the rank's share). The directory is read by
+    ConvertedDir, which
     checks everything but the tensor data before anything is used (a directory that is not a valid
     conversion, a config.json that differs from the sha256 the converter recorded, missing, unexpected or
     mistyped tensors: LoadError naming the file and the tensor or field); verify=True also checks every
@@ -157,6 +160,10 @@ def load(path: str | os.PathLike, *, weights: str | None = None, dtype: str = "b
     """
     if weights is not None and weights not in WEIGHT_FORMATS:
         raise LoadError(f"weights must be one of {', '.join(WEIGHT_FORMATS)} or None, got {weights!r}")
+    from grok_torch.threads import set_threads
+
+    if threads is not None or tp is None:  # a tensor-parallel rank keeps its share of the cores (distributed.py)
+        set_threads(threads)
     if tp is not None or torch.device(device).type != "cpu":
         return load_rank(path, tp=tp or 1, weights=weights, dtype=dtype, numerics=numerics, device=device,
                          verify=verify)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from grok_torch import kernels
 from grok_torch.config import GrokConfig
 from grok_torch.linear import Linear, bf16_linear
 from grok_torch.numerics import UPSTREAM, Numerics, resolve
@@ -218,18 +219,24 @@ class Attention(nn.Module):
             cache.values[layer][:, offset:end] = v
             k, v = cache.keys[layer][:, :end], cache.values[layer][:, :end]
             key_valid = cache.key_valid[:, :end]
-        mask = attention_mask(key_valid, seq, offset)  # [B, T, S]
-
-        # Query head j shares kv head j // (num_q_heads / num_kv_heads).
+        # Query head j shares kv head j // (num_q_heads / num_kv_heads). QK^T in x.dtype, then fp32 logits
+        # times the multiplier, soft-capped, masked (attention_mask), softmax: over query blocks,
+        # so no [B, H, T, S] fp32 logits exist at once (grok_torch.kernels.attention; each row unchanged).
         q = q.view(batch, seq, cfg.num_kv_heads, cfg.q_heads_per_kv_head, cfg.key_size)
-        logits = torch.einsum("btkgd,bskd->bkgts", q, k).to(torch.float32)  # QK^T in x.dtype, then fp32
-        logits = logits * cfg.attn_output_multiplier
-        logits = soft_cap(logits, cfg.attn_logit_softcap)
-        logits = logits.masked_fill(~mask[:, None, None], MASK_VALUE)
-        weights = torch.softmax(logits, dim=-1).to(x.dtype)
-        context = torch.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, -1)
+        def mask(start: int, stop: int) -> Bool[Tensor, "batch block keys"]:
+            return attention_mask(key_valid, stop - start, offset + start)
+
+        fp32_dots = self.numerics.bf16_matmul == "native" and not kernels.uses_native("native", x)
+        context = kernels.attention(q, k, v, mask, cfg.attn_output_multiplier, cfg.attn_logit_softcap, MASK_VALUE,
+                                    soft_cap, fp32_dots=fp32_dots).reshape(batch, seq, -1)
         _put(record, prefix + "attn_context", context)
         return self.o_proj(context) if self.tp is None else self.tp.row_parallel(self.o_proj, context)
+
+
+def _expert_hidden_in_activation_dtype(numerics: Numerics, x: Tensor) -> bool:
+    """The numerics' expert_hidden_dtype for activations `x` ("auto": where bf16 matmuls run natively)."""
+    choice = numerics.expert_hidden_dtype
+    return choice == "activation" or (choice == "auto" and kernels.uses_native(numerics.bf16_matmul, x))
 
 
 class MoE(nn.Module):
@@ -260,11 +267,16 @@ class MoE(nn.Module):
     def expert(self, index: int, x: Float[Tensor, "tokens dim"]) -> Float[Tensor, "tokens dim"]:
         """linear_1(gelu(x @ linear) * (x @ linear_v)) for one expert, in upstream's precision: the two
         input projections in the activation dtype, then gelu, the product and the down projection
-        in fp32 (upstream's one-hot expert selection promotes them), returned in fp32."""
+        in fp32 (upstream's one-hot expert selection promotes them), returned in fp32. With the numerics'
+        expert_hidden_dtype "activation", all of it in the activation dtype (returned in it)."""
+        if _expert_hidden_in_activation_dtype(self.numerics, x):
+            return self.down_proj(self.up_proj(x, index) * expert_activation(self.gate_proj(x, index)), index)
         gate = self.gate_proj(x, index).to(torch.float32)
         up = self.up_proj(x, index).to(torch.float32)
         hidden = gated_product(up, gate, x.dtype, self.numerics)
-        return F.linear(hidden, self.down_weight(index, x.dtype))
+        if self.numerics.round_down_proj:  # engines: linear_1 held in the activation dtype
+            return F.linear(hidden, self.down_weight(index, x.dtype))
+        return self.down_proj(hidden, index)  # fp32 activations: an fp32 matmul with the exact product
 
     def down_weight(self, index: int, dtype: torch.dtype) -> Float[Tensor, "dim ffn"]:
         """linear_1 of one expert in fp32: upstream's exact dequantized product, or (engines, whose export and
@@ -285,15 +297,30 @@ class MoE(nn.Module):
         # Upstream rounds the gates to the activation dtype before weighting the fp32 expert outputs.
         gates = expert_weights(gates, x.dtype, self.numerics)
         out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
-        for index in range(self.config.num_experts):
-            token, slot = torch.nonzero(experts == index, as_tuple=True)
-            if token.numel() == 0:
-                continue
-            contribution = self.expert(index, flat[token]) * gates[token, slot, None]
-            out.index_add_(0, token, contribution)
+        token, contributions = self.dispatch(flat, experts, gates)
+        out.index_add_(0, token, contributions)
         if self.tp is not None:
             out = self.tp.all_reduce(out)
         return out.to(x.dtype).view(batch, seq, dim)
+
+    def dispatch(self, flat: Float[Tensor, "tokens dim"], experts: Int[Tensor, "tokens k"],
+                 gates: Float[Tensor, "tokens k"]) -> tuple[Int[Tensor, "pairs"], Float[Tensor, "pairs dim"]]:
+        """Every (token, chosen expert) pair's gated expert output (fp32), with its token: the pairs sorted
+        by expert once (stable: within an expert in token order, as a per-expert scan finds them), one
+        gather of the inputs, and each expert run on its contiguous slice."""
+        k = experts.shape[-1]
+        order = torch.argsort(experts.reshape(-1), stable=True)
+        token, slot = order // k, order % k
+        counts = torch.bincount(experts.reshape(-1), minlength=self.config.num_experts).tolist()
+        inputs, weights = flat[token], gates[token, slot, None]
+        contributions = torch.empty((token.numel(), flat.shape[-1]), dtype=torch.float32, device=flat.device)
+        start = 0
+        for index, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                torch.mul(self.expert(index, inputs[rows]).to(torch.float32), weights[rows], out=contributions[rows])
+                start += count
+        return token, contributions
 
 
 class DecoderLayer(nn.Module):
@@ -394,7 +421,8 @@ class Grok(nn.Module):
     the release's format, and the default), "bf16" or "fp32".
     dtype: the compute dtype, "bf16" (upstream's) or "fp32". It is the embedding table's dtype, so
     `model.to(torch.float32)` computes in fp32 from then on.
-    numerics: the numerics mode (grok_torch.numerics), "upstream" by default; `model.numerics = "..."`
+    numerics: the numerics mode (grok_torch.numerics), "fast" by default ("upstream": upstream's bits);
+    `model.numerics = "..."`
     switches it later without touching a weight.
     device="meta" builds the model without memory (then fill it with grok_torch.load).
     """
@@ -458,7 +486,11 @@ class Grok(nn.Module):
         """Final RMSNorm and the tied output projection, times the output multiplier."""
         h = self.norm(h)
         _put(record, "final_norm", h)
-        logits = output_head(h, self.embedding.weight, self.config, self.numerics)
+        if self.numerics.bf16_matmul == "native":  # one GEMM, no fp32 copy of the table
+            logits = kernels.linear(h, self.embedding.weight, kernels.uses_native("native", h))
+            logits = apply_multiplier(logits, self.config.output_multiplier_scale, self.numerics.output_multiplier)
+        else:
+            logits = output_head(h, self.embedding.weight, self.config, self.numerics)
         # Under tensor parallelism each rank holds a slice of the vocabulary: gather the full logits.
         return logits if self.tp is None else self.tp.gather_vocab(logits)
 

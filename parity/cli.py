@@ -47,12 +47,14 @@ def _not_applicable(options: list[str], mode: str, why: str) -> UserError:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
               help="Draw the per-layer error (log scale) as a PNG.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads torch computes with [default: one per physical core this process may use].")
 @click.option("--tp", type=click.IntRange(min=1), default=None,
               help="Run grok_torch tensor-parallel over W local processes (gloo, CPU); the reference runs once.")
 @click.pass_context
 @cli_errors
 def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attention, quantize_moe, golden_dir,
-               checkpoint_dir, raw_dir, engine, breakdown, json_path, plot_path, tp=None):
+               checkpoint_dir, raw_dir, engine, breakdown, json_path, plot_path, threads=None, tp=None):
     """Run grok_torch and a reference on the same weights and tokens and compare every layer.
 
     Both modes run: end to end, and teacher-forced (each grok_torch layer fed the reference's
@@ -63,6 +65,9 @@ def parity_cmd(ctx, config_name, dtype, seed, seq_len, weights, quantize_attenti
     from grok_torch.config import GrokConfig
     from parity.harness import run_checkpoint, run_golden, run_parity
     from parity.report import format_report, plot_report, write_json
+    from grok_torch.threads import set_threads
+
+    set_threads(threads)
 
     given = [f"--{name.replace('_', '-')}" for name in ("config_name", "dtype", "seed", "seq_len", "weights",
                                                          "quantize_attention", "quantize_moe")

@@ -92,7 +92,7 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
             raise UserError("verify failed: " + "; ".join(mismatches[:3]))
         echo("      every tensor bit-exact")
     with steps.step("load in grok_torch (meta device, memory-mapped, int8 kept)"):
-        model = grok_torch.load(converted_dir, weights="int8", dtype="fp32")
+        model = grok_torch.load(converted_dir, weights="int8", dtype="fp32", numerics="upstream")
         int8 = sum(b.numel() for n, b in model.named_buffers() if b.dtype == torch.int8)
         echo(f"      {type(model).__name__}: {int8 / 1e6:.1f}M int8 weights")
 
@@ -108,7 +108,7 @@ def run_demo(workdir: Path, *, config_name: str = "demo", tokenizer: Path | None
                 if dtype == "fp32":
                     loaded = model
                 else:
-                    loaded = bf16_model = grok_torch.load(converted_dir, weights="int8", dtype=dtype)
+                    loaded = bf16_model = grok_torch.load(converted_dir, weights="int8", dtype=dtype, numerics="upstream")
                 report = run_parity(config, dtype=dtype, seed=seed, params=raw_params, model=loaded,
                                     seq_len=32, label="haiku reference (raw checkpoint)")
                 echo("\n".join("      " + line for line in format_report(report).splitlines()))

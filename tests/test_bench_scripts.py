@@ -224,7 +224,8 @@ def test_dense_dispatch_matches_sparse_and_a_wrong_one_is_caught():
 
     bench = load_bench_module()
     config = GrokConfig.from_name("tiny")
-    model = from_state_dict(haiku_tree_to_state_dict(init_params(config, seed=2), config), config, dtype="bf16")
+    model = from_state_dict(haiku_tree_to_state_dict(init_params(config, seed=2), config), config, dtype="bf16",
+                            numerics="upstream")
     tokens = torch.randint(1, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         sparse = [layer.moe(x) for layer, x in zip(model.layers, _moe_inputs(model, tokens))]

@@ -17,7 +17,8 @@ from support.golden import check_head, check_layer
 
 
 def random_model(config: GrokConfig, *, dtype: str = "fp32", seed: int = 0, **init) -> Grok:
-    return from_state_dict(haiku_tree_to_state_dict(init_params(config, seed=seed, **init), config), config, dtype=dtype)
+    return from_state_dict(haiku_tree_to_state_dict(init_params(config, seed=seed, **init), config), config, dtype=dtype,
+                           numerics="upstream")
 
 
 def test_grok1_parameter_count_on_meta_device():
@@ -108,7 +109,7 @@ def test_mixed_weight_formats_load_and_agree():
     config = GrokConfig.from_name("tiny")
     params = init_params(config, seed=3, quantize_attention=False, quantize_moe=True)
     state = haiku_tree_to_state_dict(params, config)
-    model = from_state_dict(state, config, dtype="fp32")
+    model = from_state_dict(state, config, dtype="fp32", numerics="upstream")
     assert model.layers[0].attn.q_proj.weight.dtype == torch.float32 and not model.layers[0].attn.q_proj.quantized
     assert model.layers[0].moe.up_proj.weight.dtype == torch.int8
     from grok_torch.loading import convert_linear_weights
@@ -130,7 +131,7 @@ def test_golden_upstream_activations(golden_dir):
     config, state, tokens, ref = load_golden(golden_dir)
     from parity.harness import torch_end_to_end, torch_teacher_forced
 
-    model = from_state_dict(state, config, dtype="bf16")
+    model = from_state_dict(state, config, dtype="bf16", numerics="upstream")
     forced = torch_teacher_forced(model, tokens, ref)
     problems = []
     for i in range(config.num_layers):

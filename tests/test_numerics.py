@@ -16,7 +16,7 @@ def test_unknown_mode_is_refused_naming_the_choices():
 
 
 def test_mode_reaches_every_module_and_is_not_state():
-    model = Grok(GrokConfig.from_name("tiny"), device="meta")
+    model = Grok(GrokConfig.from_name("tiny"), numerics="upstream", device="meta")
     assert model.numerics is PRESETS["upstream"]
     other = Numerics(name="test-only", summary="a mode made in the test")
     before = set(model.state_dict())
@@ -24,5 +24,5 @@ def test_mode_reaches_every_module_and_is_not_state():
     holders = [m for m in model.modules() if m is not model and hasattr(m, "numerics")]
     assert holders and all(m.numerics is other for m in holders)
     assert set(model.state_dict()) == before
-    assert resolve(None) is PRESETS["upstream"] and resolve(other) is other
+    assert resolve(None) is PRESETS["fast"] and resolve(other) is other
     assert isinstance(model.embedding.weight, torch.Tensor)

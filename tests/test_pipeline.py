@@ -49,7 +49,7 @@ def test_exported_random_checkpoint_converts_loads_and_passes_parity(exported, w
                 assert np.array_equal(stored, value), f"{module}/{name}"
     dst = root / f"converted-{weight_format}-{dtype}"
     convert_checkpoint(root / "upstream", dst, config, weights=weight_format, progress=False)
-    model = grok_torch.load(dst, dtype=dtype)
+    model = grok_torch.load(dst, dtype=dtype, numerics="upstream")
     report = run_parity(config, dtype=dtype, params=raw, model=model, seq_len=256)
     assert report.passed, report.first_failure[1].describe()
 
