@@ -35,9 +35,10 @@ class _FiniteFloat(click.FloatRange):
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="SentencePiece model (the release's tokenizer.model) [default: $GROK_TOKENIZER, else the copy "
                    "convert made in PATH, else the development checkout's ../shared/grok1/tokenizer.model].")
-@click.option("--weights", type=click.Choice(["int8", "bf16", "fp32"]), default=None,
+@click.option("--weights", type=click.Choice(["int8", "bf16", "bf16-plain", "fp32"]), default=None,
               help="Stored weight format to compute with [default: as PATH stores them]: int8 keeps int8 weights "
-                   "(weight-only quantized matmuls, needs an int8 conversion), bf16/fp32 dequantize them.")
+                   "(weight-only quantized matmuls, needs an int8 conversion); bf16 dequantizes all but the MoE "
+                   "down projections (kept int8: their exact product), bf16-plain and fp32 dequantize them all.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="Compute dtype (bf16 is upstream's).")
 @click.option("--numerics", type=click.Choice(["fast", "upstream"]), default="fast", show_default=True,

@@ -1,7 +1,8 @@
 """Grok-1 in PyTorch, in one file of plain modules, numerically faithful to the upstream JAX model.
 
-Two compute dtypes: bf16 reproduces every cast of upstream's bf16 forward pass (see SPEC.md), fp32
-runs the same graph in float32 for exact comparisons. Weights are int8 + bf16 scales, bf16 or fp32
+Two compute dtypes: bf16 (upstream's), fp32 the same graph in float32 for exact comparisons. The numerics
+mode (grok_torch.numerics) says how: "upstream" reproduces every cast of upstream's bf16 forward pass (see
+SPEC.md), "fast" (the default) uses the fast kernels (grok_torch.kernels), the engines' presets their casts. Weights are int8 + bf16 scales, bf16 or fp32
 (grok_torch.linear). Experts are stacked `[E, ...]` and each runs only on the tokens routed to it.
 
 Intermediates can be recorded under the names of the golden reference (`decoder_layer_3.moe_out`,
@@ -418,12 +419,12 @@ class Grok(nn.Module):
     """The Grok-1 language model: tokens [B, T] -> logits [B, T, vocab].
 
     weights: how the linear layers are stored, "int8" (int8 + bf16 scales, weight-only quantized matmuls;
-    the release's format, and the default), "bf16" or "fp32".
+    the release's format, and the default), "bf16" or "fp32" (every linear a float parameter: what
+    grok_torch.load calls "bf16-plain" for bf16; its faithful "bf16" keeps the MoE down projections int8).
     dtype: the compute dtype, "bf16" (upstream's) or "fp32". It is the embedding table's dtype, so
     `model.to(torch.float32)` computes in fp32 from then on.
     numerics: the numerics mode (grok_torch.numerics), "fast" by default ("upstream": upstream's bits);
-    `model.numerics = "..."`
-    switches it later without touching a weight.
+    `model.numerics = "..."` switches it later without touching a weight.
     device="meta" builds the model without memory (then fill it with grok_torch.load).
     """
 

@@ -193,11 +193,12 @@ class TensorParallel:
         return total.to(x.dtype)
 
     def row_parallel(self, linear: Linear, x: Float[Tensor, "*batch local_in"]) -> Float[Tensor, "*batch out"]:
-        """A row-split linear (o_proj): this rank's partial product in fp32 (its weight dequantized as
-        Linear.materialize does), summed over the ranks in fp32 and rounded once to x's dtype. Rounding
-        each partial first (Linear.forward) would round twice, and upstream does not: measured on the
-        golden layers, attn_out is 58-62 % bit-exact that way against 99.7 % in one process."""
-        partial = torch.nn.functional.linear(x.to(torch.float32), linear.materialize(torch.float32))
+        """A row-split linear (o_proj): this rank's partial product in fp32 (Linear.forward on fp32
+        activations: the same kernels, the weight dequantized a block at a time as Linear.materialize
+        does), summed over the ranks in fp32 and rounded once to x's dtype. Rounding each partial first
+        would round twice, and upstream does not: measured on the golden layers, attn_out is 58-62 %
+        bit-exact that way against 99.7 % in one process."""
+        partial = linear(x.to(torch.float32))
         if self.world > 1:
             dist.all_reduce(partial, group=self.group)
         return partial.to(x.dtype)
