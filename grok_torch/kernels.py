@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from jaxtyping import BFloat16, Bool, Float, Int8, Shaped
 from torch import Tensor
 
+from grok_torch import gemv
+
 __all__ = ["linear", "int8_linear", "attention", "native_bf16"]
 
 # Bytes of one weight block in the buffer: small enough to stay in a core's L2, large enough that each
@@ -94,9 +96,17 @@ def int8_kernel_available(device: torch.device) -> bool:
             and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
 
 
-def linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"], native: bool) -> Float[Tensor, "*batch out"]:
-    """x @ weight^T for a float weight. bf16 activations: torch's bf16 GEMM (`native`) or the blocked fp32
-    form (each product exact, summed in fp32, rounded once). fp32 activations: an fp32 GEMM."""
+def linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"], native: bool,
+           use_gemv: bool = False) -> Float[Tensor, "*batch out"]:
+    """x @ weight^T for a float weight, in x's dtype. `use_gemv` (fast mode), few rows on the CPU, a bf16
+    weight: the GEMV of grok_torch.gemv (each product exact, summed in fp32 in its own order, rounded once).
+    Otherwise bf16 activations: torch's bf16 GEMM (`native`) or the blocked fp32 form (upstream's bits);
+    fp32 activations: an fp32 GEMM, a weight of another dtype converted one block at a time."""
+    if use_gemv and weight.dtype == torch.bfloat16 and gemv.supports(x, weight):
+        return gemv.bf16_gemv(x, weight)
+    if x.dtype != torch.bfloat16 and weight.dtype != x.dtype and not _needs_autograd(x, weight):
+        out = _blocked_linear(x.reshape(-1, x.shape[-1]), weight, None, round_to_bf16=False, compute=x.dtype)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     if x.dtype != torch.bfloat16 or native:
         return F.linear(x, weight.to(x.dtype))
     if _needs_autograd(x, weight):
@@ -119,6 +129,10 @@ def int8_linear(x: Float[Tensor, "*batch inp"], weight: Int8[Tensor, "out inp"],
     """
     *lead, inp = x.shape
     rows = math.prod(lead)
+    # Decode on the CPU, any scale groups and row stride: the exact int8 x scale product, as torch's kernel
+    # below (bf16 activations; fp32 ones only where upstream keeps that product: they get what they ask).
+    if int8_kernel and (x.dtype == torch.bfloat16 or not round_to_bf16) and gemv.supports(x, weight):
+        return gemv.int8_gemv(x, weight, scales)
     flat = x.reshape(rows, inp)
     # The kernel takes one scale per output channel and reads a dense weight without checking: G > 1
     # groups (a column slice each) and strided weights (views of a transposed tree) take the blocked path.

@@ -145,7 +145,10 @@ class Linear(nn.Module):
             return kernels.int8_linear(x, weight, scales, self.dequant_rounds_to_bf16, native, int8_kernel=kernel,
                                        dequantize=None if kernel else dequantize)
         if mode.bf16_matmul == "native":
-            return kernels.linear(x, self.materialize(x.dtype, index), native)
+            if self.scales is None:  # the stored weight as it is: the kernels convert a block at a time
+                weight = self.weight if index is None else self.weight[index]
+                return kernels.linear(x, weight, native, use_gemv=True)
+            return kernels.linear(x, self.materialize(x.dtype, index), native, use_gemv=True)
         return bf16_linear(x, self.materialize(x.dtype, index))
 
     def extra_repr(self) -> str:

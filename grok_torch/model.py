@@ -11,6 +11,8 @@ Intermediates can be recorded under the names of the golden reference (`decoder_
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -122,27 +124,36 @@ def rotate_half(x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@functools.lru_cache(maxsize=4)
+def rope_tables(seq: int, offset: int, head_dim: int, base: int, device: torch.device,
+                inference: bool) -> tuple[Float[Tensor, "1 seq 1 head_dim"], Float[Tensor, "1 seq 1 head_dim"]]:
+    """fp32 cos and sin of the RoPE phase of positions offset..offset+seq-1, [1, T, 1, K]: the same for
+    q and k and every layer of one forward, so computed once per step (kept for the last few; `inference`
+    keys inference-mode tensors apart, since autograd may not save them)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+    inv_freq = 1.0 / (base ** (exponents / head_dim))
+    positions = torch.arange(seq, dtype=torch.float32, device=device) + offset
+    phase = torch.outer(positions, inv_freq).repeat(1, 2)[None, :, None, :]
+    return torch.cos(phase), torch.sin(phase)
+
+
+def _tables(x: Tensor, offset: int, base: int) -> tuple[Tensor, Tensor]:
+    return rope_tables(x.shape[1], offset, x.shape[-1], base, x.device, torch.is_inference_mode_enabled())
+
+
 def apply_rope(x: Float[Tensor, "batch seq heads head_dim"], offset: int, base: int) -> Float[Tensor, "batch seq heads head_dim"]:
     """Rotary embedding over the full head dim; phase in fp32, positions offset by the cache step,
     result rounded once to the input dtype (upstream multiplies the bf16 input by fp32 cos/sin)."""
-    head_dim, seq = x.shape[-1], x.shape[1]
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device)
-    inv_freq = 1.0 / (base ** (exponents / head_dim))
-    positions = torch.arange(seq, dtype=torch.float32, device=x.device) + offset
-    phase = torch.outer(positions, inv_freq).repeat(1, 2)[None, :, None, :]  # [1, T, 1, K]
-    return (x * torch.cos(phase) + rotate_half(x) * torch.sin(phase)).to(x.dtype)
+    cos, sin = _tables(x, offset, base)
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
 def apply_rope_in_activation_dtype(x: Float[Tensor, "batch seq heads head_dim"], offset: int,
                                    base: int) -> Float[Tensor, "batch seq heads head_dim"]:
     """apply_rope as vLLM computes it: the same fp32 phase, but cos/sin tables stored in the input dtype and
     the rotation x*cos - y*sin done in it, every product and the sum rounded."""
-    head_dim, seq = x.shape[-1], x.shape[1]
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device)
-    inv_freq = 1.0 / (base ** (exponents / head_dim))
-    positions = torch.arange(seq, dtype=torch.float32, device=x.device) + offset
-    phase = torch.outer(positions, inv_freq).repeat(1, 2)[None, :, None, :]  # [1, T, 1, K]
-    return x * torch.cos(phase).to(x.dtype) + rotate_half(x) * torch.sin(phase).to(x.dtype)
+    cos, sin = _tables(x, offset, base)
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
 def rope(x: Float[Tensor, "batch seq heads head_dim"], offset: int, base: int,
@@ -234,6 +245,11 @@ class Attention(nn.Module):
         return self.o_proj(context) if self.tp is None else self.tp.row_parallel(self.o_proj, context)
 
 
+# fp32 hidden state of one expert's chunk of tokens, at most (at Grok-1's width F = 32768: 256 tokens;
+# an 8192-token prompt would otherwise hold its ~4096 tokens per expert, 537 MB per fp32 tensor).
+EXPERT_CHUNK_BYTES = 32 << 20
+
+
 def _expert_hidden_in_activation_dtype(numerics: Numerics, x: Tensor) -> bool:
     """The numerics' expert_hidden_dtype for activations `x` ("auto": where bf16 matmuls run natively)."""
     choice = numerics.expert_hidden_dtype
@@ -298,30 +314,31 @@ class MoE(nn.Module):
         # Upstream rounds the gates to the activation dtype before weighting the fp32 expert outputs.
         gates = expert_weights(gates, x.dtype, self.numerics)
         out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
-        token, contributions = self.dispatch(flat, experts, gates)
-        out.index_add_(0, token, contributions)
+        self.dispatch(flat, experts, gates, out)
         if self.tp is not None:
             out = self.tp.all_reduce(out)
         return out.to(x.dtype).view(batch, seq, dim)
 
     def dispatch(self, flat: Float[Tensor, "tokens dim"], experts: Int[Tensor, "tokens k"],
-                 gates: Float[Tensor, "tokens k"]) -> tuple[Int[Tensor, "pairs"], Float[Tensor, "pairs dim"]]:
-        """Every (token, chosen expert) pair's gated expert output (fp32), with its token: the pairs sorted
-        by expert once (stable: within an expert in token order, as a per-expert scan finds them), one
-        gather of the inputs, and each expert run on its contiguous slice."""
+                 gates: Float[Tensor, "tokens k"], out: Float[Tensor, "tokens dim"]) -> None:
+        """Add every (token, chosen expert) pair's gated expert output (fp32) into `out`: the pairs sorted by
+        expert once (stable: within an expert in token order, as a per-expert scan finds them), each
+        expert run on its contiguous slice, EXPERT_CHUNK_BYTES of fp32 hidden state at a time, and added
+        in that order (index_add_ sums each row's pairs in the order given, so chunks change no bit of
+        the sum), so a long prompt never holds every pair's input, hidden state or output at once."""
         k = experts.shape[-1]
         order = torch.argsort(experts.reshape(-1), stable=True)
         token, slot = order // k, order % k
         counts = torch.bincount(experts.reshape(-1), minlength=self.config.num_experts).tolist()
-        inputs, weights = flat[token], gates[token, slot, None]
-        contributions = torch.empty((token.numel(), flat.shape[-1]), dtype=torch.float32, device=flat.device)
+        chunk = max(1, EXPERT_CHUNK_BYTES // (4 * self.down_proj.in_features))
         start = 0
         for index, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                torch.mul(self.expert(index, inputs[rows]).to(torch.float32), weights[rows], out=contributions[rows])
-                start += count
-        return token, contributions
+            for begin in range(start, start + count, chunk):
+                rows = slice(begin, min(start + count, begin + chunk))
+                pairs = token[rows]
+                weighted = self.expert(index, flat[pairs]).to(torch.float32) * gates[pairs, slot[rows], None]
+                out.index_add_(0, pairs, weighted)
+            start += count
 
 
 class DecoderLayer(nn.Module):
@@ -488,7 +505,7 @@ class Grok(nn.Module):
         h = self.norm(h)
         _put(record, "final_norm", h)
         if self.numerics.bf16_matmul == "native":  # one GEMM, no fp32 copy of the table
-            logits = kernels.linear(h, self.embedding.weight, kernels.uses_native("native", h))
+            logits = kernels.linear(h, self.embedding.weight, kernels.uses_native("native", h), use_gemv=True)
             logits = apply_multiplier(logits, self.config.output_multiplier_scale, self.numerics.output_multiplier)
         else:
             logits = output_head(h, self.embedding.weight, self.config, self.numerics)
