@@ -330,14 +330,14 @@ class MoE(nn.Module):
         order = torch.argsort(experts.reshape(-1), stable=True)
         token, slot = order // k, order % k
         counts = torch.bincount(experts.reshape(-1), minlength=self.config.num_experts).tolist()
+        weights = gates[token, slot, None]
         chunk = max(1, EXPERT_CHUNK_BYTES // (4 * self.down_proj.in_features))
         start = 0
         for index, count in enumerate(counts):
             for begin in range(start, start + count, chunk):
                 rows = slice(begin, min(start + count, begin + chunk))
-                pairs = token[rows]
-                weighted = self.expert(index, flat[pairs]).to(torch.float32) * gates[pairs, slot[rows], None]
-                out.index_add_(0, pairs, weighted)
+                weighted = self.expert(index, flat[token[rows]]).to(torch.float32) * weights[rows]
+                out.index_add_(0, token[rows], weighted)
             start += count
 
 

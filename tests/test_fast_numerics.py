@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import grok_torch.kernels as kernels
+import grok_torch.model as model_module
 from grok_torch.config import GrokConfig
 from grok_torch.loading import from_state_dict
 from grok_torch.model import MASK_VALUE, Grok, attention_mask
@@ -169,7 +170,8 @@ def test_blocked_attention_equals_plain_attention(dtype, offset, monkeypatch):
 
 
 def test_upstream_mode_does_not_depend_on_the_block_sizes(monkeypatch):
-    """Upstream mode with one query and a few weight rows per block equals it with whole blocks, to the bit."""
+    """Upstream mode with one query, a few weight rows and 3 tokens per expert chunk per block equals it with
+    whole blocks, to the bit."""
     config = GrokConfig.from_name("tiny", num_layers=1, sequence_len=64)
     from convert.upstream.tree import haiku_tree_to_state_dict
     from parity.init import init_params
@@ -181,6 +183,7 @@ def test_upstream_mode_does_not_depend_on_the_block_sizes(monkeypatch):
         whole = model(tokens)
         monkeypatch.setattr(kernels, "ATTENTION_BLOCK_BYTES", 3 * 2 * 4 * 24 * 4)  # 3 queries of 2 x 4 heads
         monkeypatch.setattr(kernels, "WEIGHT_BLOCK_BYTES", 20 * 64 * 4)  # 20 rows of the 64-wide weights
+        monkeypatch.setattr(model_module, "EXPERT_CHUNK_BYTES", 3 * 4 * config.ffn_size)  # 3 tokens at a time
         blocked = model(tokens)
     assert torch.equal(blocked, whole)
 
