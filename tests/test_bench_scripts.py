@@ -263,3 +263,17 @@ def test_page_cache_helpers(tmp_path):
     assert resident == pytest.approx(1.0)
     bench.drop_cache([path])  # only a hint to the kernel, but it must not fail
     assert 0.0 <= bench.resident_fraction([path]) <= 1.0
+
+
+def test_gemv_bench_prints_each_way_side_by_side():
+    from grok_torch import gemv
+
+    if not gemv.available():
+        pytest.skip(f"gemv kernel not built here: {gemv.why_unavailable()}")
+    out = run(sys.executable, SCRIPTS / "gemv-bench", "--quick", "--threads", "1").stdout
+    assert out.startswith("copy bandwidth ") and "1 threads, 1 row(s)" in out.splitlines()[0]
+    rows = [line for line in out.splitlines() if line.startswith("| gate/up") or line.startswith("| down")]
+    assert [r.split(" | ")[1] for r in rows] == ["_weight_int8pack_mm", "blocked dequantization"]
+    for row in rows:
+        rates = [float(cell) for cell in row.strip("| ").split(" | ")[2:]]
+        assert len(rates) == 4 and all(r > 0 for r in rates), row

@@ -168,3 +168,44 @@ def test_the_library_is_built_once_into_the_cache(tmp_path):
     mtime = built[0].stat().st_mtime_ns
     assert _run(code, GROK_TORCH_CACHE=str(tmp_path)).returncode == 0
     assert built[0].stat().st_mtime_ns == mtime and list(tmp_path.rglob("*.so")) == built
+
+
+def test_fast_decode_through_the_cache_stays_inside_the_fast_tiers_on_the_golden_run(golden_dir, monkeypatch):
+    """Decoding the golden prompts one position at a time (every linear a GEMV: 4 rows, then 1) lands inside
+    fast mode's end-to-end tiers against the upstream reference, like fast mode's full forward."""
+    import numpy as np
+
+    from grok_torch.loading import from_state_dict
+    from parity.compare import distribution_agreement
+    from parity.harness import load_golden
+    from parity.tolerances import FAST_DISTRIBUTION_TOLERANCES, FAST_TOLERANCES, FAST_VS_UPSTREAM_MIN_TOP1
+
+    config, state, tokens, ref = load_golden(golden_dir)
+    tokens = torch.as_tensor(tokens)
+    calls = []
+    real = gemv.int8_gemv
+    monkeypatch.setattr(gemv, "int8_gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    fast = from_state_dict(state, config, dtype="bf16", numerics="fast")
+    upstream = from_state_dict(state, config, dtype="bf16", numerics="upstream")
+
+    def stepped(rows):
+        with torch.inference_mode():
+            cache = fast.new_cache(rows.shape[0], rows.shape[1])
+            return torch.cat([fast(rows[:, t:t + 1], cache) for t in range(rows.shape[1])], dim=1).float()
+
+    batch = stepped(tokens)
+    alone = torch.cat([stepped(tokens[b:b + 1]) for b in range(tokens.shape[0])])
+    assert {s[0] for s in calls} >= {1, tokens.shape[0]}  # both the 1-row and the 4-row kernels ran
+    real_tokens = (tokens > config.pad_token).numpy()
+    want = np.asarray(ref["logits"], dtype=np.float64)
+    with torch.inference_mode():
+        upstream_logits = upstream(tokens).float().numpy()
+    tier = FAST_TOLERANCES[("bf16", "end_to_end")]["logits"].max_rel_rms
+    for name, got in (("batch of 4", batch), ("one row", alone)):
+        got = got.numpy().astype(np.float64)
+        diff = (got - want)[real_tokens]
+        rel_rms = np.sqrt((diff ** 2).mean() / (want[real_tokens] ** 2).mean())
+        assert rel_rms <= tier, f"{name}: logits rel RMS {rel_rms:.3g} > {tier}"
+        agreement = distribution_agreement(got, want, real_tokens)
+        assert FAST_DISTRIBUTION_TOLERANCES[("bf16", "end_to_end")].accepts(agreement), (name, agreement)
+        assert distribution_agreement(got, upstream_logits, real_tokens).top1 >= FAST_VS_UPSTREAM_MIN_TOP1, name
