@@ -87,8 +87,6 @@ def gated_product(up: Float[Tensor, "tokens ffn"], gate: Float[Tensor, "tokens f
                   numerics: Numerics) -> Float[Tensor, "tokens ffn"]:
     """up * gelu(gate) in fp32, the down projection's input. Upstream keeps it fp32; the engines' fused
     act-and-mul stores it in the activation dtype."""
-    if numerics.expert_gelu not in ("tanh", "erf"):
-        raise ValueError(f"expert_gelu must be tanh or erf, got {numerics.expert_gelu!r}")
     hidden = up * (expert_activation(gate) if numerics.expert_gelu == "tanh" else erf_gelu(gate))
     return hidden.to(dtype).to(torch.float32) if numerics.round_gated_product else hidden
 

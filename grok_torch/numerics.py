@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Numerics", "PRESETS", "ENGINE_PRESETS", "DEFAULT", "resolve", "decisions"]
+__all__ = ["Numerics", "CHOICES", "PRESETS", "ENGINE_PRESETS", "DEFAULT", "resolve", "decisions"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,24 @@ class Numerics:
     # selection promotes them; "activation" in the compute dtype; "auto" in the compute dtype where the bf16
     # matmul runs natively (then the down projection is a bf16 GEMM), else fp32 (no faster in bf16 there).
     expert_hidden_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        """Every choice field holds one of its choices (checked once here, not on every forward call)."""
+        for field, value in ((f, getattr(self, f)) for f in CHOICES):
+            if value not in CHOICES[field]:
+                raise ValueError(f"numerics {self.name!r}: {field} must be one of {', '.join(CHOICES[field])}, "
+                                 f"got {value!r}")
+
+
+# The fields of Numerics that name a choice, and their choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "expert_gelu": ("tanh", "erf"),
+    "embedding_multiplier": ("rounded", "exact"),
+    "output_multiplier": ("rounded", "exact", "folded"),
+    "bf16_matmul": ("fp32", "native"),
+    "int8_matmul": ("dequantize", "kernel"),
+    "expert_hidden_dtype": ("fp32", "activation", "auto"),
+}
 
 
 UPSTREAM = Numerics(

@@ -57,8 +57,12 @@ def test_erf_gelu_is_the_exact_form_and_tanh_stays_upstreams():
     erf_only = dataclasses.replace(UPSTREAM, expert_gelu=PRESETS["vllm"].expert_gelu)
     assert torch.equal(gated_product(up, x, torch.float64, erf_only), erf_gelu(x))
     assert torch.equal(gated_product(up, x, torch.float64, UPSTREAM), expert_activation(x))
-    with pytest.raises(ValueError, match="tanh or erf"):
-        gated_product(up, x, torch.float64, dataclasses.replace(UPSTREAM, expert_gelu="silu"))
+    with pytest.raises(ValueError, match="numerics 'upstream': expert_gelu must be one of tanh, erf, got 'silu'"):
+        dataclasses.replace(UPSTREAM, expert_gelu="silu")  # refused when made, before any forward
+    for field, bad in (("bf16_matmul", "bf16"), ("int8_matmul", "fused"), ("output_multiplier", "none"),
+                       ("expert_hidden_dtype", "fp16"), ("embedding_multiplier", "folded")):
+        with pytest.raises(ValueError, match=f"{field} must be one of"):
+            dataclasses.replace(UPSTREAM, **{field: bad})
 
 
 def test_renormalised_gates_sum_to_one_and_keep_the_experts():
