@@ -102,7 +102,7 @@ def linear(x: Float[Tensor, "*batch inp"], weight: Float[Tensor, "out inp"], nat
     weight: the GEMV of grok_torch.gemv (each product exact, summed in fp32 in its own order, rounded once).
     Otherwise bf16 activations: torch's bf16 GEMM (`native`) or the blocked fp32 form (upstream's bits);
     fp32 activations: an fp32 GEMM, a weight of another dtype converted one block at a time."""
-    if use_gemv and weight.dtype == torch.bfloat16 and gemv.supports(x, weight):
+    if use_gemv and weight.dtype == torch.bfloat16 and not _needs_autograd(x, weight) and gemv.supports(x, weight):
         return gemv.bf16_gemv(x, weight)
     if x.dtype != torch.bfloat16 and weight.dtype != x.dtype and not _needs_autograd(x, weight):
         out = _blocked_linear(x.reshape(-1, x.shape[-1]), weight, None, round_to_bf16=False, compute=x.dtype)
@@ -131,7 +131,8 @@ def int8_linear(x: Float[Tensor, "*batch inp"], weight: Int8[Tensor, "out inp"],
     rows = math.prod(lead)
     # Decode on the CPU, any scale groups and row stride: the exact int8 x scale product, as torch's kernel
     # below (bf16 activations; fp32 ones only where upstream keeps that product: they get what they ask).
-    if int8_kernel and (x.dtype == torch.bfloat16 or not round_to_bf16) and gemv.supports(x, weight):
+    if (int8_kernel and (x.dtype == torch.bfloat16 or not round_to_bf16) and not _needs_autograd(x, scales)
+            and gemv.supports(x, weight)):
         return gemv.int8_gemv(x, weight, scales)
     flat = x.reshape(rows, inp)
     # The kernel takes one scale per output channel and reads a dense weight without checking: G > 1

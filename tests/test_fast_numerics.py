@@ -272,3 +272,14 @@ def test_kernels_work_in_and_out_of_inference_mode_and_keep_gradients():
     dense = torch.randn(40, 32, generator=gen).to(torch.bfloat16).requires_grad_()
     kernels.linear(x, dense, native=False).float().sum().backward()
     assert dense.grad is not None and dense.grad.abs().sum() > 0
+    # One row (decode), where fast mode would take the GEMV of grok_torch.gemv: gradients still flow, to the
+    # scales of an int8 weight as well as to a float weight and to the activations.
+    trained = scales.clone().requires_grad_()  # only the scales are trained: the activations need no gradient
+    kernels.int8_linear(x[:1], weight, trained).float().sum().backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
+    row = x[:1].clone().requires_grad_()
+    kernels.int8_linear(row, weight, scales).float().sum().backward()
+    assert row.grad is not None and row.grad.abs().sum() > 0
+    dense.grad = None
+    kernels.linear(x[:1], dense, native=False, use_gemv=True).float().sum().backward()
+    assert dense.grad is not None and dense.grad.abs().sum() > 0

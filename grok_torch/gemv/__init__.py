@@ -87,10 +87,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         source = SOURCE.read_bytes()
     except OSError as e:
         return None, f"its source is missing ({e})"
-    errors = []
+    errors, cpu = [], _cpu_signature().encode()
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                          _cpu_signature().encode(), torch.__version__.encode()])).hexdigest()[:16]
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), cpu,
+                                          torch.__version__.encode()])).hexdigest()[:16]
         target = cache_dir() / f"gemv-{key}.so"
         if not target.exists():
             error = _compile(compiler, flags, target)
@@ -123,11 +123,12 @@ def why_unavailable() -> str:
 
 def supports(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight^T can run here: a CPU tensor pair, at most MAX_ROWS rows, a weight dense along its
-    input (any row stride), no gradients wanted, and the library built."""
+    input (any row stride), and the library built. The kernel records no gradients: its callers
+    (grok_torch.kernels) keep it out of autograd, scales included."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
             and x.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2 and weight.stride(-1) == 1
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and available())
+            and available())
 
 
 def _rows(x: Tensor) -> Tensor:
